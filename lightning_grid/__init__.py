@@ -1,0 +1,25 @@
+"""lightning-grid: train PyTorch Lightning models on spot machines without losing work.
+
+The public API is what this module exports; everything else may change.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lightning_grid.errors import LightningGridError
+from lightning_grid.resumable import Preempted, Resumable, Trainer
+
+__all__ = ["Resumable", "Trainer", "Preempted", "LightningGridError", "__version__"]
+
+__version__ = "0.1.0"
+
+_log = logging.getLogger("lightning_grid")
+if not _log.handlers:
+    # Like Lightning's own logger: users see what we do (resuming, preempted) without configuring logging.
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    _log.addHandler(_handler)
+    _log.setLevel(logging.INFO)
+    _log.propagate = False

@@ -1,0 +1,280 @@
+"""Checkpoints on any fsspec URL: atomic, checksummed, and trusted only once committed.
+
+Layout under the store URL::
+
+    ckpt-0000001234-1732531234567.ckpt              the torch.save payload
+    ckpt-0000001234-1732531234567.ckpt.commit.json  its commit record: step, sha256, size, time
+    PREEMPTED.json                                  marker: "preempted and checkpointed at step N"
+
+A payload counts only after its commit record exists, and the record is written only after the
+payload is durable (fsync + rename locally; a completed upload remotely). Discovery therefore never
+trusts a half-written file, and a SIGKILL at any instant leaves the previous checkpoint in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from lightning_grid._io import HashingWriter, atomic_write_bytes, atomic_writer, fsync_dir
+from lightning_grid.errors import CorruptCheckpointError, StoreError, StoreUnwritableError
+
+__all__ = ["CheckpointStore", "CommitRecord", "PREEMPTED_MARKER"]
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_MARKER = "PREEMPTED.json"
+_COMMIT_SUFFIX = ".commit.json"
+_PAYLOAD_SUFFIX = ".ckpt"
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """What makes a payload count. Small, written last."""
+
+    name: str
+    step: int
+    sha256: str
+    size: int
+    time: float
+    reason: str = "periodic"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CommitRecord:
+        raw = json.loads(data)
+        return cls(
+            name=str(raw["name"]),
+            step=int(raw["step"]),
+            sha256=str(raw["sha256"]),
+            size=int(raw["size"]),
+            time=float(raw["time"]),
+            reason=str(raw.get("reason", "periodic")),
+            meta=dict(raw.get("meta", {})),
+        )
+
+
+class CheckpointStore:
+    """A folder of committed checkpoints at an fsspec URL (local path, ``s3://``, ``gs://``, ``memory://``)."""
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        spool_dir: str | None = None,
+    ) -> None:
+        self.url = url
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ValueError, ImportError) as exc:
+            raise StoreError(f"cannot use checkpoint location {url!r}: {exc}") from exc
+        self.root = self.root.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._spool_dir = spool_dir
+
+    # -- paths ----------------------------------------------------------------------------------------
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def location(self, name: str) -> str:
+        """A user-facing location of ``name`` (URL for remote stores)."""
+        if self.is_local:
+            return self._path(name)
+        return self.fs.unstrip_protocol(self._path(name))
+
+    # -- start-up check ------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Fail before training wastes time when nothing could ever be saved here."""
+        probe = self._path(f".write-probe-{os.getpid()}-{time.time_ns()}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            if self.fs.cat_file(probe) != b"ok":
+                raise OSError("read back different bytes")
+            self.fs.rm_file(probe)
+        except Exception as exc:  # any backend error means: unusable
+            raise StoreUnwritableError(f"checkpoint location {self.url!r} is not writable: {exc}") from exc
+
+    # -- writing -----------------------------------------------------------------------------------
+    def save(
+        self,
+        checkpoint: Any,
+        step: int,
+        reason: str = "periodic",
+        meta: dict[str, Any] | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> CommitRecord:
+        """Serialise ``checkpoint`` once, make it durable, then commit it.
+
+        ``before_commit`` runs after the bytes are durable and before the record is written: the
+        callback uses it to make the logs it promises to keep in step with the checkpoint durable too.
+        """
+        name = f"ckpt-{step:010d}-{time.time_ns() // 1_000_000}{_PAYLOAD_SUFFIX}"
+        self.fs.makedirs(self.root, exist_ok=True)
+        if self.is_local:
+            with atomic_writer(self._path(name)) as handle:
+                writer = HashingWriter(handle)
+                torch.save(checkpoint, writer)
+            digest, size = writer.sha256, writer.size
+        else:
+            digest, size = self._save_remote(checkpoint, name)
+        if before_commit is not None:
+            before_commit()
+        record = CommitRecord(name, step, digest, size, time.time(), reason, dict(meta or {}))
+        self._write_small(name + _COMMIT_SUFFIX, record.to_json())
+        return record
+
+    def _save_remote(self, checkpoint: Any, name: str) -> tuple[str, int]:
+        # Serialise to a local spool file first, so that a failed upload can be retried without
+        # touching the (still changing) training state, and the bytes survive if the store does not come back.
+        spool = self._spool_dir or os.path.join(tempfile.gettempdir(), "lightning_grid_spool")
+        os.makedirs(spool, exist_ok=True)
+        local = os.path.join(spool, name)
+        with atomic_writer(local) as handle:
+            writer = HashingWriter(handle)
+            torch.save(checkpoint, writer)
+        self._with_retries(lambda: self.fs.put_file(local, self._path(name)), f"upload {name}", keep=local)
+        os.unlink(local)
+        return writer.sha256, writer.size
+
+    def _write_small(self, name: str, data: bytes) -> None:
+        if self.is_local:
+            atomic_write_bytes(self._path(name), data)
+        else:
+            self._with_retries(lambda: self.fs.pipe_file(self._path(name), data), f"write {name}")
+
+    def _with_retries(self, action: Callable[[], Any], what: str, keep: str | None = None) -> None:
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                action()
+                return
+            except Exception as exc:  # network and backend errors all look different
+                if attempt == self.retries:
+                    where = f"; the checkpoint is kept at {keep}" if keep else ""
+                    raise StoreError(f"could not {what} to {self.url!r} after {attempt + 1} tries: {exc}{where}") from exc
+                log.warning("lightning_grid: %s to %s failed (%s); retrying in %.1fs", what, self.url, exc, delay)
+                time.sleep(delay)
+                delay *= 2
+
+    # -- discovery and reading ---------------------------------------------------------------------
+    def committed(self) -> list[CommitRecord]:
+        """Committed checkpoints, newest first (by step, then time)."""
+        try:
+            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return []
+        records = []
+        for name in names:
+            if not name.endswith(_COMMIT_SUFFIX):
+                continue
+            try:
+                records.append(CommitRecord.from_json(self.fs.cat_file(self._path(name))))
+            except (ValueError, KeyError, OSError) as exc:
+                log.warning("lightning_grid: ignoring unreadable commit record %s: %s", self.location(name), exc)
+        records.sort(key=lambda r: (r.step, r.time), reverse=True)
+        return records
+
+    def read_verified(self, record: CommitRecord) -> bytes:
+        try:
+            data = self.fs.cat_file(self._path(record.name))
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(f"checkpoint {self.location(record.name)} is committed but missing") from exc
+        if len(data) != record.size:
+            raise CorruptCheckpointError(
+                f"checkpoint {self.location(record.name)} has {len(data)} bytes, its commit record says {record.size}"
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != record.sha256:
+            raise CorruptCheckpointError(
+                f"checkpoint {self.location(record.name)} has sha256 {digest[:12]}…, its commit record says"
+                f" {record.sha256[:12]}…"
+            )
+        return data
+
+    def latest_valid(self) -> tuple[CommitRecord, bytes] | None:
+        """The newest committed checkpoint whose bytes verify; corrupt ones are skipped with a warning."""
+        skipped: list[tuple[CommitRecord, str]] = []
+        for record in self.committed():
+            try:
+                data = self.read_verified(record)
+            except CorruptCheckpointError as exc:
+                skipped.append((record, str(exc)))
+                continue
+            for bad, why in skipped:
+                log.warning(
+                    "lightning_grid: newest checkpoint %s (step %d) is not usable (%s); resuming from %s (step %d)"
+                    " instead",
+                    self.location(bad.name),
+                    bad.step,
+                    why,
+                    self.location(record.name),
+                    record.step,
+                )
+            return record, data
+        for bad, why in skipped:
+            log.warning("lightning_grid: checkpoint %s is not usable: %s", self.location(bad.name), why)
+        return None
+
+    @staticmethod
+    def load_bytes(data: bytes) -> Any:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+    # -- pruning -----------------------------------------------------------------------------------
+    def prune(self, keep: int) -> None:
+        """Keep the newest ``keep`` committed checkpoints; the record goes first so a crash never leaves a
+        committed record without its payload."""
+        for record in self.committed()[max(1, keep) :]:
+            for name in (record.name + _COMMIT_SUFFIX, record.name):
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self._path(name))
+
+    def remove_uncommitted(self) -> None:
+        """Payloads and temp files a killed writer left behind (never a committed one)."""
+        try:
+            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return
+        committed = {n[: -len(_COMMIT_SUFFIX)] for n in names if n.endswith(_COMMIT_SUFFIX)}
+        for name in names:
+            orphan = name.endswith(_PAYLOAD_SUFFIX) and name not in committed
+            if orphan or (name.startswith(".ckpt-") and name.endswith(".tmp")):
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self._path(name))
+
+    # -- the preemption marker ---------------------------------------------------------------------
+    def write_marker(self, info: dict[str, Any]) -> None:
+        self._write_small(PREEMPTED_MARKER, json.dumps(info, sort_keys=True).encode())
+
+    def read_marker(self) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.fs.cat_file(self._path(PREEMPTED_MARKER))))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def clear_marker(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._path(PREEMPTED_MARKER))
+        if self.is_local:
+            fsync_dir(self.root)
+

@@ -1,0 +1,74 @@
+"""The environment contract between the launcher and the training process.
+
+The launcher and the in-process side never import each other; they agree only on these variable
+names. Keeping them in one module means a rename cannot silently break one side.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "ENV_RESUMABLE",
+    "ENV_CHECKPOINTS",
+    "ENV_EXPERIMENT",
+    "ENV_ATTEMPT",
+    "ENV_HOME",
+    "Contract",
+    "default_home",
+]
+
+#: "1" when the script runs under ``lightning-grid run --resumable``: the callbacks factory then adds
+#: :class:`~lightning_grid.Resumable` to every Trainer without the script importing us.
+ENV_RESUMABLE = "LIGHTNING_GRID_RESUMABLE"
+#: fsspec URL where checkpoints are written and looked for (lives in the artifact store).
+ENV_CHECKPOINTS = "LIGHTNING_GRID_CHECKPOINTS"
+#: Name of the experiment this process belongs to (for messages and markers).
+ENV_EXPERIMENT = "LIGHTNING_GRID_EXPERIMENT"
+#: 1-based attempt number; > 1 means this process is a relaunch after an interruption.
+ENV_ATTEMPT = "LIGHTNING_GRID_ATTEMPT"
+#: Root of lightning-grid's persistent state (registry, default artifact store).
+ENV_HOME = "LIGHTNING_GRID_HOME"
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def default_home(environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get(ENV_HOME) or os.path.join(os.path.expanduser("~"), ".lightning_grid")
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What the launcher told this process, parsed once."""
+
+    resumable: bool = False
+    checkpoints: str | None = None
+    experiment: str | None = None
+    attempt: int = 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Contract:
+        env = os.environ if environ is None else environ
+        attempt_raw = env.get(ENV_ATTEMPT, "1")
+        try:
+            attempt = max(1, int(attempt_raw))
+        except ValueError:
+            attempt = 1
+        return cls(
+            resumable=env.get(ENV_RESUMABLE, "").strip().lower() in _TRUE,
+            checkpoints=env.get(ENV_CHECKPOINTS) or None,
+            experiment=env.get(ENV_EXPERIMENT) or None,
+            attempt=attempt,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The variables to add to a child's environment (inverse of :meth:`from_env`)."""
+        env = {ENV_RESUMABLE: "1" if self.resumable else "0", ENV_ATTEMPT: str(self.attempt)}
+        if self.checkpoints:
+            env[ENV_CHECKPOINTS] = self.checkpoints
+        if self.experiment:
+            env[ENV_EXPERIMENT] = self.experiment
+        return env

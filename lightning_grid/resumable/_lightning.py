@@ -1,0 +1,215 @@
+"""Every use of a private Lightning API, in one place.
+
+Lightning offers no public hook for (a) the train loaders after it has processed them, (b) resuming
+from a checkpoint chosen by a callback, (c) the checkpoint dict without writing it, (d) whether
+validation will run after the current batch, or (e) reopening a logger's existing version. Each
+function below is pinned by ``tests/unit/test_lightning_internals.py`` so that a Lightning upgrade
+that moves one of them fails loudly there, not silently in a user's resumed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+from lightning_grid._io import atomic_writer
+
+__all__ = [
+    "wrap_train_loaders",
+    "inject_checkpoint",
+    "dump_checkpoint",
+    "validation_due_after_batch",
+    "logged_step",
+    "take_lightning_sigterm",
+    "reopen_logger",
+    "protect_csv_log",
+    "PROCESS_START",
+]
+
+PROCESS_START = time.time()
+
+
+# -- (a) the train loaders, after Lightning processed them (DistributedSampler injected etc.) -------
+class _WrappingCombinedLoader(CombinedLoader):
+    """Applies a transform to each loader when Lightning assigns the processed loaders."""
+
+    _transform: Callable[[Any], Any]
+
+    def _set_flattened(self, loaders: list[Any]) -> None:
+        CombinedLoader.flattened.fset(self, [self._transform(dl) for dl in loaders])  # type: ignore[attr-defined]
+
+    flattened = property(CombinedLoader.flattened.fget, _set_flattened)  # type: ignore[assignment]
+
+
+@dataclass
+class _WrappingSource(_DataLoaderSource):
+    transform: Callable[[Any], Any] | None = None
+
+    def dataloader(self) -> Any:
+        loaders = super().dataloader()
+        if isinstance(loaders, CombinedLoader):
+            combined = _WrappingCombinedLoader(loaders.iterables, loaders._mode)
+        else:
+            combined = _WrappingCombinedLoader(loaders, "max_size_cycle")
+        combined._transform = self.transform  # type: ignore[assignment]
+        return combined
+
+
+def wrap_train_loaders(trainer: pl.Trainer, transform: Callable[[Any], Any]) -> None:
+    """Route every train loader Lightning builds for this fit through ``transform``."""
+    source = trainer.fit_loop._data_source
+    if isinstance(source, _WrappingSource):
+        source.transform = transform
+        return
+    trainer.fit_loop._data_source = _WrappingSource(source.instance, source.name, transform)
+
+
+# -- (b) resume from a checkpoint the callback found -----------------------------------------------
+def inject_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Make the coming restore use ``checkpoint`` as if ``fit(ckpt_path=...)`` had named it.
+
+    Lightning's ``resume_start(None)`` leaves a pre-loaded checkpoint in place, and an explicit
+    ``fit(ckpt_path=...)`` still replaces it, so a user's own choice wins.
+    """
+    trainer._checkpoint_connector._loaded_checkpoint = checkpoint
+
+
+# -- (c) the checkpoint dict -----------------------------------------------------------------------
+def dump_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
+    """What ``trainer.save_checkpoint`` would write (all ranks must call it: some strategies gather)."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+# -- (d) the loop's own decisions ------------------------------------------------------------------
+def validation_due_after_batch(trainer: pl.Trainer) -> bool:
+    """Whether the fit loop will run validation right after the batch that just ended."""
+    loop = trainer.fit_loop.epoch_loop
+    return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
+def logged_step(trainer: pl.Trainer) -> int:
+    """The ``step`` value loggers get for the batch that just ended."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def take_lightning_sigterm(trainer: pl.Trainer) -> bool:
+    """Read and clear Lightning's own SIGTERM flag, so its loop does not abort before our save."""
+    connector = trainer._signal_connector
+    received = bool(connector.received_sigterm)
+    connector.received_sigterm = False
+    return received
+
+
+# -- (e) loggers continue the same version ---------------------------------------------------------
+def _created_by_this_process(path: str) -> bool:
+    try:
+        entries = [os.path.join(root, f) for root, _, files in os.walk(path) for f in files]
+    except OSError:
+        return False
+    return all(os.path.getmtime(e) >= PROCESS_START - 1 for e in entries)
+
+
+def reopen_logger(logger: Any, version: Any, last_step: int) -> bool:
+    """Point ``logger`` at the version directory of the interrupted run and drop what came after
+    ``last_step`` (the work that is redone), so the log reads as one run. Returns whether it applied."""
+    if isinstance(logger, CSVLogger):
+        return _reopen_csv(logger, version, last_step)
+    if isinstance(logger, TensorBoardLogger):
+        return _reopen_tensorboard(logger, version, last_step)
+    return False
+
+
+def _discard_fresh_version_dir(logger: Any, version: Any) -> None:
+    if logger._experiment is None or logger.version == version:
+        return
+    fresh = logger.log_dir
+    finalize = getattr(logger._experiment, "close", None)
+    if callable(finalize):
+        with contextlib.suppress(Exception):
+            finalize()
+    logger._experiment = None
+    if os.path.isdir(fresh) and _created_by_this_process(fresh):
+        shutil.rmtree(fresh, ignore_errors=True)
+
+
+_CSV_BACKUP = ".metrics.csv.lightning_grid"
+
+
+def protect_csv_log(logger: Any) -> None:
+    """Keep a hard link to the CSV logger's metrics file.
+
+    Lightning's CSV writer deletes ``metrics.csv`` when it opens an existing version directory,
+    before any callback runs; the link keeps the rows (same inode, so appends show through) for
+    :func:`reopen_logger` to restore. No copy is made.
+    """
+    if not isinstance(logger, CSVLogger) or logger._experiment is None:
+        return
+    metrics = os.path.join(logger.log_dir, "metrics.csv")
+    backup = os.path.join(logger.log_dir, _CSV_BACKUP)
+    try:
+        if os.path.isfile(metrics) and not (os.path.exists(backup) and os.path.samefile(metrics, backup)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(backup)
+            os.link(metrics, backup)
+    except OSError:
+        pass  # filesystems without hard links: the rows survive only if metrics.csv does
+
+
+def _reopen_csv(logger: CSVLogger, version: Any, last_step: int) -> bool:
+    _discard_fresh_version_dir(logger, version)
+    logger._version = version
+    logger._experiment = None
+    metrics = os.path.join(logger.log_dir, "metrics.csv")
+    backup = os.path.join(logger.log_dir, _CSV_BACKUP)
+    source = metrics if os.path.isfile(metrics) else backup
+    kept: list[dict[str, str]] = []
+    fieldnames: list[str] = []
+    if os.path.isfile(source):
+        with open(source, newline="") as handle:
+            reader = csv.DictReader(handle)
+            fieldnames = list(reader.fieldnames or [])
+            for row in reader:
+                try:
+                    if int(float(row.get("step") or 0)) <= last_step:
+                        kept.append(row)
+                except ValueError:
+                    kept.append(row)
+        if source == metrics:
+            os.replace(metrics, metrics + ".resume")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        writer = logger.experiment
+    if fieldnames:
+        buffer = io.StringIO()
+        out = csv.DictWriter(buffer, fieldnames=fieldnames)
+        out.writeheader()
+        out.writerows(kept)
+        with atomic_writer(metrics, "w") as handle:
+            handle.write(buffer.getvalue())
+        writer.metrics_keys = list(fieldnames)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(metrics + ".resume")
+        protect_csv_log(logger)
+    return True
+
+
+def _reopen_tensorboard(logger: TensorBoardLogger, version: Any, last_step: int) -> bool:
+    _discard_fresh_version_dir(logger, version)
+    logger._version = version
+    logger._experiment = None
+    # TensorBoard ignores events at or after purge_step in the earlier event files of this run.
+    logger._kwargs["purge_step"] = last_step + 1
+    return True

@@ -1,0 +1,465 @@
+"""``Resumable``: SIGTERM → finish the step → complete checkpoint → exit 0; rerun → continue bit-exactly.
+
+Where a checkpoint may be cut
+-----------------------------
+Only at the end of a training batch after which nothing else is due before the next batch: not the
+epoch's last batch, not a batch followed by validation, not inside a gradient-accumulation window,
+not when training is about to stop. Lightning resumes from exactly this point through its
+ordinary mid-epoch path, and none of its known resume gaps (a lost epoch after an end-of-epoch
+save, a validation that is never re-run, loader state silently not loaded) can arise. A signal that
+lands elsewhere is acted on at the next such batch end: validation in flight completes first.
+
+The checkpoint is Lightning's own (model, optimizers, schedulers, loops, callbacks, precision)
+plus, under this callback's state key, every RNG and each train loader's position (see
+:mod:`lightning_grid.resumable.dataloader`). The process exits at the start of the next batch,
+after that batch's data was fetched but before anything changes, so the metrics of the saved step
+are logged exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_grid.checkpoints import CheckpointStore, CommitRecord
+from lightning_grid.contract import Contract
+from lightning_grid.errors import CheckpointMismatchError, LightningGridError
+from lightning_grid.resumable import _lightning, rng
+from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable
+from lightning_grid.resumable.signals import SignalFlag
+
+__all__ = ["Resumable", "Preempted"]
+
+log = logging.getLogger("lightning_grid")
+
+_STATE_KEY = "lightning_grid.Resumable"
+_STATE_VERSION = 1
+
+
+class Preempted(SystemExit):
+    """Leaves ``trainer.fit`` after the preemption checkpoint is committed; exit status 0.
+
+    A ``SystemExit`` so that the user's script stops where it is (code after ``fit`` must not run
+    as if training had finished) yet the process reports success to whoever relaunches it.
+    """
+
+    def __init__(self, step: int) -> None:
+        super().__init__(0)
+        self.step = step
+
+
+class Resumable(Callback):
+    """Make a Lightning run survive SIGTERM (and, with periodic saves, SIGKILL) without losing work.
+
+    Args:
+        dirpath: fsspec URL for checkpoints. Default: ``$LIGHTNING_GRID_CHECKPOINTS`` when the launcher
+            set it, else ``<default_root_dir>/resumable``.
+        every_n_train_steps: also save every N optimizer steps (for hard kills), in a background thread.
+        every_n_seconds: also save every T seconds of training, in a background thread.
+        keep: committed checkpoints to keep (newest first).
+        signals: signals that mean "checkpoint and exit": SIGTERM by default; add SIGUSR1 for clusters
+            that warn with it.
+        resume: look for the newest valid checkpoint at start and continue from it.
+        storage_options: passed to fsspec (credentials, endpoint URLs).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str] | None = None,
+        every_n_train_steps: int | None = None,
+        every_n_seconds: float | None = None,
+        keep: int = 3,
+        signals: Iterable[int] = (signal.SIGTERM,),
+        resume: bool = True,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be >= 1, got {every_n_train_steps}")
+        if every_n_seconds is not None and every_n_seconds <= 0:
+            raise ValueError(f"every_n_seconds must be > 0, got {every_n_seconds}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_seconds = every_n_seconds
+        self.keep = keep
+        self.resume = resume
+        self.storage_options = storage_options
+        self._flag = SignalFlag(signals)
+        self._from_factory = False
+        self._active = True
+        self.store: CheckpointStore | None = None
+        self.last_commit: CommitRecord | None = None
+        self.resumed_from: CommitRecord | None = None
+        self._loaders: list[ResumableLoader] = []
+        self._loader_states: list[dict[str, Any]] | None = None
+        self._resume_rng: dict[str, Any] | None = None
+        self._state_for_dump: dict[str, Any] | None = None
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
+        self._logs_flushed = threading.Event()
+        self._exit_after_commit = False
+        self._awaiting_flush = False
+        self._trainer_ref: pl.Trainer | None = None
+        self._last_save_step = 0
+        self._last_save_time = time.monotonic()
+        self._warned_loaders: set[int] = set()
+
+    @property
+    def state_key(self) -> str:
+        return _STATE_KEY
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer_ref = trainer
+        others = [cb for cb in trainer.callbacks if isinstance(cb, Resumable) and cb is not self]
+        if self._from_factory and others:
+            self._active = False  # the user added one explicitly: it is in charge
+            return
+        self.store = CheckpointStore(self._resolve_url(trainer), storage_options=self.storage_options)
+        if trainer.is_global_zero:
+            self.store.check_writable()
+            self.store.remove_uncommitted()
+        trainer.strategy.barrier("lightning_grid.setup")
+        self._flag.install()
+        # Ours is cut last at a batch end, so other callbacks' state for that batch is included.
+        trainer.callbacks.remove(self)
+        trainer.callbacks.append(self)
+        _lightning.wrap_train_loaders(trainer, self._make_loader)
+        if self.resume:
+            self._resume_from_store(trainer, pl_module)
+        self._last_save_step = trainer.global_step
+        self._last_save_time = time.monotonic()
+
+    def _resolve_url(self, trainer: pl.Trainer) -> str:
+        if self.dirpath:
+            return self.dirpath
+        contract = Contract.from_env()
+        if contract.checkpoints:
+            return contract.checkpoints
+        return os.path.join(trainer.default_root_dir, "resumable")
+
+    def _resume_from_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.store is not None
+        found = self.store.latest_valid()
+        if found is None:
+            return
+        record, data = found
+        checkpoint = self.store.load_bytes(data)
+        location = self.store.location(record.name)
+        self._check_same_model(pl_module, checkpoint, location, record.step)
+        ours = (checkpoint.get("callbacks") or {}).get(_STATE_KEY) or {}
+        mine = self._rank_state(trainer, ours)
+        if mine is not None:
+            for logger, version in zip(trainer.loggers, mine.get("logger_versions", [])):
+                if version is not None:
+                    _lightning.reopen_logger(logger, version, int(mine["logged_step"]))
+            # Lightning would warn that a plain loader cannot resume mid-epoch; ours can.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        _lightning.inject_checkpoint(trainer, checkpoint)
+        self.resumed_from = record
+        if trainer.is_global_zero:
+            log.info("lightning_grid: resuming from %s (step %d, %s)", location, record.step, record.reason)
+
+    def _rank_state(self, trainer: pl.Trainer, state: dict[str, Any]) -> dict[str, Any] | None:
+        ranks = state.get("ranks")
+        if not ranks:
+            return None
+        if len(ranks) != trainer.world_size:
+            if trainer.is_global_zero:
+                log.warning(
+                    "lightning_grid: the checkpoint was written by %d processes, this run has %d: the model and"
+                    " optimizer resume, the data order and RNG do not",
+                    len(ranks),
+                    trainer.world_size,
+                )
+            return None
+        return dict(ranks[trainer.global_rank])
+
+    @staticmethod
+    def _check_same_model(pl_module: pl.LightningModule, checkpoint: dict[str, Any], where: str, step: int) -> None:
+        if not pl_module.strict_loading or is_overridden("configure_model", pl_module):
+            return  # layers created later, or partial loading was asked for: Lightning decides
+        saved = checkpoint.get("state_dict") or {}
+        current = pl_module.state_dict()
+        missing = sorted(set(current) - set(saved))
+        unexpected = sorted(set(saved) - set(current))
+        shapes = [
+            f"{k} {tuple(saved[k].shape)}→{tuple(current[k].shape)}"
+            for k in sorted(set(saved) & set(current))
+            if hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(current[k].shape)
+        ]
+        if missing or unexpected or shapes:
+            parts = []
+            if missing:
+                parts.append(f"missing {missing[:5]}")
+            if unexpected:
+                parts.append(f"unexpected {unexpected[:5]}")
+            if shapes:
+                parts.append(f"different shapes {shapes[:5]}")
+            raise CheckpointMismatchError(
+                f"checkpoint {where} (step {step}) was written for a different model ({'; '.join(parts)}):"
+                " point Resumable(dirpath=...) or LIGHTNING_GRID_CHECKPOINTS at this run's own folder, or remove it"
+            )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._active or not state_dict.get("ranks"):
+            return
+        trainer = self._trainer_ref
+        mine = self._rank_state(trainer, state_dict) if trainer is not None else None
+        if mine is None:
+            return
+        self._loader_states = list(mine.get("loaders", []))
+        self._resume_rng = mine.get("rng")
+
+    def _make_loader(self, loader: Any) -> Any:
+        if not can_make_resumable(loader):
+            if id(loader) not in self._warned_loaders and not hasattr(loader, "state_dict"):
+                self._warned_loaders.add(id(loader))
+                warnings.warn(
+                    f"lightning_grid: the train loader {type(loader).__name__} cannot be resumed mid-epoch exactly"
+                    " (an IterableDataset, a custom batching or iteration scheme); give it state_dict/load_state_dict"
+                    " or use a map-style dataset",
+                    stacklevel=2,
+                )
+            return loader
+        wrapped = ResumableLoader(loader)
+        index = len(self._loaders)
+        self._loaders.append(wrapped)
+        if self._loader_states is not None and index < len(self._loader_states):
+            wrapped.load_position_state(self._loader_states[index])
+        return wrapped
+
+    # -- training ----------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active:
+            return
+        # Lightning installed its SIGTERM handler after our set-up; ours must decide when to stop.
+        if _lightning.take_lightning_sigterm(trainer):
+            self._flag.set()
+        self._flag.install()
+        self._loader_states = None  # applied to the loaders built for this fit
+        if trainer.is_global_zero and self.store is not None:
+            self.store.clear_marker()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._active:
+            return
+        if self._resume_rng is not None:
+            # With workers (or no batch fetched since the restore) nobody has put the training
+            # process's RNG back yet; with num_workers=0 the loader did it right before building the
+            # first batch that the interrupted run had not fetched.
+            if not any(loader.main_rng_applied for loader in self._loaders):
+                rng.restore(self._resume_rng)
+            self._resume_rng = None
+        if self._awaiting_flush:
+            # The saved batch's metrics were logged after the cut: make them durable, then commit.
+            self._flush_logs(trainer)
+            self._logs_flushed.set()
+            self._awaiting_flush = False
+        if self._exit_after_commit:
+            self._finish_preemption(trainer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        if self._writer is not None and not self._writer.is_alive():
+            self._reap_writer()
+        signalled, due, busy = self._agree(
+            trainer, bool(self._flag), self._periodic_due(trainer), self._writer is not None
+        )
+        if not (signalled or due) or not self._is_clean_cut(trainer, batch_idx):
+            return
+        if signalled:
+            self._flag.set()
+            # Training stops here, so the live tensors can be written without a copy.
+            self._save(trainer, batch_idx + 1, reason="preempted", copy_tensors=False)
+            self._exit_after_commit = True
+        elif not busy:
+            self._save(trainer, batch_idx + 1, reason="periodic", copy_tensors=True)
+
+    def _periodic_due(self, trainer: pl.Trainer) -> bool:
+        if self.every_n_train_steps and trainer.global_step - self._last_save_step >= self.every_n_train_steps:
+            return True
+        return bool(self.every_n_seconds and time.monotonic() - self._last_save_time >= self.every_n_seconds)
+
+    @staticmethod
+    def _agree(trainer: pl.Trainer, signalled: bool, due: bool, busy: bool) -> tuple[bool, bool, bool]:
+        """All ranks must cut the same checkpoint: a signal, a due save or a write still in flight
+        (only rank 0 writes) on any rank counts for all."""
+        if not _distributed(trainer):
+            return signalled, due, busy
+        flags = torch.tensor([int(signalled), int(due), int(busy)], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item()), bool(flags[2].item())
+
+    @staticmethod
+    def _is_clean_cut(trainer: pl.Trainer, batch_idx: int) -> bool:
+        loop = trainer.fit_loop.epoch_loop
+        if loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
+            return False
+        if trainer.should_stop or (0 <= trainer.max_steps <= trainer.global_step):
+            return False
+        if trainer.lightning_module.automatic_optimization and (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return False
+        return not _lightning.validation_due_after_batch(trainer)
+
+    # -- saving ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # Filled only while we cut a checkpoint: other checkpoints (ModelCheckpoint's) carry no
+        # loader position, so resuming from them never pretends to be exact.
+        return self._state_for_dump or {}
+
+    def _save(self, trainer: pl.Trainer, consumed: int, reason: str, copy_tensors: bool) -> None:
+        if self._writer is not None:
+            self._logs_flushed.set()
+            self._reap_writer()
+        main_rng = rng.capture()
+        mine = {
+            "rng": main_rng,
+            "loaders": [loader.position_state(consumed, main_rng) for loader in self._loaders],
+            "logged_step": _lightning.logged_step(trainer),
+            "logger_versions": [getattr(lg, "version", None) for lg in trainer.loggers],
+        }
+        ranks = _gather(trainer, mine)
+        self._state_for_dump = {"version": _STATE_VERSION, "ranks": ranks, "reason": reason}
+        try:
+            checkpoint = _lightning.dump_checkpoint(trainer)
+        finally:
+            self._state_for_dump = None
+        step = trainer.global_step
+        self._last_save_step = step
+        self._last_save_time = time.monotonic()
+        self._awaiting_flush = True
+        if not trainer.is_global_zero:
+            return
+        if copy_tensors:
+            # Training goes on and changes the live tensors: write a private copy.
+            checkpoint = _copy_tensors(checkpoint)
+        self._logs_flushed.clear()
+        self._write_error = None
+        meta = {"epoch": trainer.current_epoch, "batch_in_epoch": consumed, "logged_step": mine["logged_step"]}
+        self._writer = threading.Thread(
+            target=self._write, args=(checkpoint, step, reason, meta), name="lightning_grid-checkpoint", daemon=True
+        )
+        self._writer.start()
+
+    def _write(self, checkpoint: dict[str, Any], step: int, reason: str, meta: dict[str, Any]) -> None:
+        assert self.store is not None
+        try:
+            self.last_commit = self.store.save(
+                checkpoint, step, reason=reason, meta=meta, before_commit=self._logs_flushed.wait
+            )
+            self.store.prune(self.keep)
+        except BaseException as exc:  # reported on the training thread
+            self._write_error = exc
+
+    def _reap_writer(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.join()
+        self._writer = None
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            if isinstance(error, LightningGridError):
+                raise error
+            raise LightningGridError(f"saving a checkpoint to {self.store.url if self.store else '?'} failed: {error}") from error
+
+    def _flush_logs(self, trainer: pl.Trainer) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+            _lightning.protect_csv_log(logger)
+
+    def _finish_preemption(self, trainer: pl.Trainer) -> None:
+        self._reap_writer()
+        step = trainer.global_step
+        if trainer.is_global_zero and self.store is not None and self.last_commit is not None:
+            contract = Contract.from_env()
+            self.store.write_marker(
+                {
+                    "step": step,
+                    "checkpoint": self.last_commit.name,
+                    "signal": self._flag.received.name if self._flag.received else "SIGTERM",
+                    "time": time.time(),
+                    "experiment": contract.experiment,
+                    "attempt": contract.attempt,
+                }
+            )
+            log.info(
+                "lightning_grid: %s received; checkpoint at step %d committed to %s; exiting with status 0",
+                self._flag.received.name if self._flag.received else "signal",
+                step,
+                self.store.location(self.last_commit.name),
+            )
+        trainer.strategy.barrier("lightning_grid.preempted")
+        raise Preempted(step)
+
+    # -- the end -----------------------------------------------------------------------------------
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active and self._writer is not None:
+            self._flush_logs(trainer)
+            self._logs_flushed.set()
+            self._reap_writer()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not self._active or isinstance(exception, Preempted):
+            return
+        if self._writer is not None:
+            # Commit what was being written: it is consistent, and the logs up to it are flushed now.
+            self._flush_logs(trainer)
+            self._logs_flushed.set()
+            try:
+                self._reap_writer()
+            except LightningGridError as exc:
+                log.error("lightning_grid: %s", exc)
+        self._flag.uninstall()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._flag.uninstall()
+
+
+def _gather(trainer: pl.Trainer, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each rank's RNG and loader position differ; rank 0 writes them all, each rank reads its own."""
+    if not _distributed(trainer):
+        return [state]
+    gathered: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def _distributed(trainer: pl.Trainer) -> bool:
+    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _copy_tensors(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        copied = {k: _copy_tensors(v) for k, v in obj.items()}
+        if type(obj) is dict:
+            return copied
+        try:
+            return type(obj)(copied)  # OrderedDict and friends
+        except TypeError:
+            return copied
+    if isinstance(obj, list):
+        return [_copy_tensors(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_copy_tensors(v) for v in obj)
+    return obj

@@ -1,0 +1,371 @@
+"""Make an ordinary ``torch.utils.data.DataLoader`` resume mid-epoch, bit-exactly, without replaying data.
+
+Why this exists: a plain ``DataLoader(shuffle=True)`` draws its shuffle seed from the global RNG at
+the start of every epoch, its workers reseed from a base seed drawn at ``iter()``, and random
+augmentation inside ``__getitem__`` advances whichever RNG the producing process owns (the main
+process with ``num_workers=0``, each worker otherwise). None of that is in a Lightning checkpoint,
+and Lightning's fetcher has already produced the next batch when a checkpoint is taken. So we:
+
+* record the RNG state (global + the loader's generators) at the moment the epoch's sampler starts,
+  and, on resume, replay only the *index* lists up to the resume position (no data is loaded);
+* record, in the producing process, the RNG state just before and just after each batch is built
+  ("stamps", carried back with the batch and stripped before Lightning sees it), and, on resume,
+  hand the producer of each re-built batch the exact state it had the first time;
+* keep batch ``b`` on worker ``b % num_workers`` so persistent workers end the epoch where they did.
+
+The user's loader is never iterated: we iterate an internal loader built from its attributes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
+
+from lightning_grid.resumable import rng
+
+__all__ = ["ResumableLoader", "can_make_resumable"]
+
+# Stamps kept beyond the ones strictly needed: Lightning's fetcher holds at most a couple of batches.
+_STAMP_SLACK = 16
+
+
+class _IndexBatch(list):
+    """One batch of indices, with its position in the epoch and (on resume) the RNG state to build it with.
+
+    A list subclass so that datasets and fetchers that expect a list of indices still get one; it
+    travels to workers through the index queue, attributes included.
+    """
+
+    def __init__(self, indices: Iterable[int], position: int, rng_state: dict[str, Any] | None) -> None:
+        super().__init__(indices)
+        self.position = position
+        self.rng_state = rng_state
+
+
+class _Items(list):
+    """Samples fetched for one batch, with the producer's RNG state from before the fetch."""
+
+    def __init__(self, items: Iterable[Any], position: int, before: dict[str, Any]) -> None:
+        super().__init__(items)
+        self.position = position
+        self.before = before
+
+
+class _Stamped:
+    """A collated batch with its stamps; never reaches the user's code."""
+
+    __slots__ = ("batch", "position", "before", "after")
+
+    def __init__(self, batch: Any, position: int, before: dict[str, Any], after: dict[str, Any]) -> None:
+        self.batch = batch
+        self.position = position
+        self.before = before
+        self.after = after
+
+    def pin_memory(self, *args: Any) -> _Stamped:
+        # The pin-memory thread calls this instead of recursing into an unknown type.
+        return _Stamped(_pin_memory(self.batch, *args), self.position, self.before, self.after)
+
+
+class _StampingDataset(Dataset):
+    """Wraps the user's map-style dataset: applies a requested RNG state, records the state it started from."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> _Items:
+        requested = getattr(indices, "rng_state", None)
+        if requested is not None:
+            rng.restore(requested)
+        before = rng.capture(include_cuda=False)
+        plain = list(indices)
+        inner = getattr(self.dataset, "__getitems__", None)
+        items = inner(plain) if callable(inner) else [self.dataset[i] for i in plain]
+        return _Items(items, getattr(indices, "position", -1), before)
+
+
+class _StampingCollate:
+    """Wraps the user's collate_fn: the batch comes back with its before/after RNG stamps."""
+
+    def __init__(self, collate_fn: Any) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: Any) -> Any:
+        if not isinstance(items, _Items):
+            return self.collate_fn(items)
+        batch = self.collate_fn(list(items))
+        return _Stamped(batch, items.position, items.before, rng.capture(include_cuda=False))
+
+
+@dataclass
+class _Plan:
+    """How the first iteration after a resume must run."""
+
+    start: int  # first position to produce (aligned down to a worker-cycle boundary)
+    first_yield: int  # first position handed to the training loop
+    sampler_rng: dict[str, Any]  # RNG state when the epoch's sampler started, in the original run
+    base_rng: dict[str, Any] | None  # RNG state when the current workers were created (base seed)
+    position_rng: dict[int, dict[str, Any]] = field(default_factory=dict)  # num_workers == 0
+    slot_rng: dict[int, dict[str, Any]] = field(default_factory=dict)  # num_workers > 0, by worker slot
+
+
+class _ResumableBatchSampler:
+    """Yields the user's index batches as :class:`_IndexBatch`; on resume, skips by indices only."""
+
+    def __init__(self, inner: Iterable[list[int]], owner: ResumableLoader) -> None:
+        self.inner = inner
+        self.owner = owner
+        self.sampler = getattr(inner, "sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[_IndexBatch]:
+        owner = self.owner
+        plan = owner._active_plan
+        position = 0
+        head: list[list[int]] = []
+        if plan is None:
+            # Taken before the inner sampler draws its shuffle seed.
+            owner._sampler_rng = owner._capture_sampler_rng()
+            it = iter(self.inner)
+        else:
+            saved = rng.capture(include_cuda=False)
+            owner._restore_sampler_rng(plan.sampler_rng)
+            it = iter(self.inner)
+            try:
+                # Replays the shuffle and walks past consumed batches: index lists only, no data loaded.
+                for _ in range(plan.start):
+                    next(it)
+                head = [next(it)]
+            except StopIteration:
+                head = []
+            finally:
+                rng.restore(saved)
+            owner._sampler_rng = plan.sampler_rng
+            position = plan.start
+        for indices in itertools.chain(head, it):
+            yield _IndexBatch(indices, position, owner._rng_for(position))
+            position += 1
+
+
+class ResumableLoader:
+    """Stands in for a user's DataLoader inside Lightning's CombinedLoader.
+
+    Iterates an internal DataLoader with the same dataset, sampler, collate function, workers and
+    generator, so an uninterrupted run draws exactly the random numbers the user's loader would.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        if not can_make_resumable(loader):
+            raise TypeError(f"cannot make {type(loader).__name__} resumable")
+        self.loader = loader
+        self.num_workers: int = loader.num_workers
+        self._persistent = bool(loader.persistent_workers and loader.num_workers > 0)
+        self._batch_sampler = _ResumableBatchSampler(loader.batch_sampler, self)  # type: ignore[arg-type]
+        self._internal = _build_internal_loader(loader, self._batch_sampler)
+        self._workers_alive = False
+        self._active_plan: _Plan | None = None
+        self._pending_plan: _Plan | None = None
+        self._pending_slot_rng: dict[int, dict[str, Any]] = {}
+        self._sampler_rng: dict[str, Any] | None = None
+        self._base_rng: dict[str, Any] | None = None
+        self._stamps: deque[tuple[int, dict[str, Any], dict[str, Any]]] = deque(
+            maxlen=2 * max(1, self.num_workers) + _STAMP_SLACK
+        )
+        self._last_after: dict[int, dict[str, Any]] = {}
+        self._received = -1  # highest position received this epoch
+        self.main_rng_applied = False
+
+    # -- what Lightning and user code see -------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        # dataset, batch_size, sampler, batch_sampler, ...: the user's loader answers.
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        plan = self._pending_plan
+        self._pending_plan = None
+        self._active_plan = plan
+        self._stamps.clear()
+        self._received = -1
+        new_workers = not (self._persistent and self._workers_alive)
+        if plan is not None:
+            self._pending_slot_rng = dict(plan.slot_rng)
+        elif new_workers:
+            self._pending_slot_rng = {}  # fresh workers start from their own seeds
+        if new_workers:
+            self._last_after.clear()
+            if plan is not None and plan.base_rng is not None:
+                # Same base seed as the original run, so fresh workers are seeded as the originals were.
+                saved = rng.capture(include_cuda=False)
+                self._restore_sampler_rng(plan.base_rng)
+                self._base_rng = plan.base_rng
+                iterator = iter(self._internal)
+                rng.restore(saved)
+            else:
+                self._base_rng = self._capture_sampler_rng()
+                iterator = iter(self._internal)
+        else:
+            iterator = iter(self._internal)
+        self._workers_alive = self._persistent
+        first_yield = plan.first_yield if plan is not None else 0
+        return self._unstamp(iterator, first_yield)
+
+    def _unstamp(self, iterator: Iterator[Any], first_yield: int) -> Iterator[Any]:
+        for item in iterator:
+            if not isinstance(item, _Stamped):  # pragma: no cover - collate bypassed by a custom fetcher
+                yield item
+                continue
+            self._received = item.position
+            self._stamps.append((item.position, item.before, item.after))
+            if self.num_workers:
+                self._last_after[item.position % self.num_workers] = item.after
+            if item.position >= first_yield:
+                yield item.batch
+        self._active_plan = None
+
+    # -- RNG bookkeeping ---------------------------------------------------------------------------
+    def _generators(self) -> list[torch.Generator]:
+        found: dict[int, torch.Generator] = {}
+        for owner in (self.loader, getattr(self.loader, "batch_sampler", None), getattr(self.loader, "sampler", None)):
+            gen = getattr(owner, "generator", None)
+            if isinstance(gen, torch.Generator):
+                found[id(gen)] = gen
+        sampler = getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)
+        gen = getattr(sampler, "generator", None)
+        if isinstance(gen, torch.Generator):
+            found[id(gen)] = gen
+        return list(found.values())
+
+    def _capture_sampler_rng(self) -> dict[str, Any]:
+        return {
+            "global": rng.capture(include_cuda=False),
+            "generators": [g.get_state() for g in self._generators()],
+        }
+
+    def _restore_sampler_rng(self, state: dict[str, Any]) -> None:
+        rng.restore(state["global"])
+        for gen, gen_state in zip(self._generators(), state["generators"]):
+            gen.set_state(gen_state)
+
+    def _rng_for(self, position: int) -> dict[str, Any] | None:
+        plan = self._active_plan
+        if self.num_workers == 0:
+            if plan is None:
+                return None
+            state = plan.position_rng.get(position)
+            if state is not None and position == max(plan.position_rng):
+                # The training process's own RNG state: from here on it is what the original run had.
+                self.main_rng_applied = True
+            return state
+        return self._pending_slot_rng.pop(position % self.num_workers, None)
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def position_state(self, consumed: int, main_rng: dict[str, Any]) -> dict[str, Any]:
+        """The loader's position after ``consumed`` batches of this epoch were trained on.
+
+        ``main_rng`` is the training process's RNG state at the checkpoint: with ``num_workers=0``
+        it must be in place when the first batch that was not yet fetched gets built.
+        """
+        stamps = {pos: (before, after) for pos, before, after in self._stamps}
+        state: dict[str, Any] = {
+            "version": 1,
+            "consumed": consumed,
+            "num_workers": self.num_workers,
+            "sampler_rng": self._sampler_rng,
+            "base_rng": self._base_rng,
+        }
+        if self.num_workers == 0:
+            position_rng = {pos: stamps[pos][0] for pos in range(consumed, self._received + 1) if pos in stamps}
+            position_rng[max(consumed, self._received + 1)] = main_rng
+            state["position_rng"] = position_rng
+            state["start"] = consumed
+        else:
+            n = self.num_workers
+            start = consumed - consumed % n
+            slot_rng: dict[int, dict[str, Any]] = {}
+            for slot in range(n):
+                position = start + slot
+                if position <= self._received and position in stamps:
+                    slot_rng[slot] = stamps[position][0]
+                elif slot in self._last_after:
+                    slot_rng[slot] = self._last_after[slot]
+            state["slot_rng"] = slot_rng
+            state["start"] = start
+        return state
+
+    def load_position_state(self, state: dict[str, Any]) -> None:
+        """Arm the next ``iter()`` to continue exactly where :meth:`position_state` was taken."""
+        if state.get("num_workers") != self.num_workers:
+            raise ValueError(
+                f"the checkpoint's train loader had num_workers={state.get('num_workers')}, this one has"
+                f" {self.num_workers}: resuming exactly needs the same value"
+            )
+        if state.get("sampler_rng") is None:
+            return
+        self._pending_plan = _Plan(
+            start=int(state["start"]),
+            first_yield=int(state["consumed"]),
+            sampler_rng=state["sampler_rng"],
+            base_rng=state.get("base_rng"),
+            position_rng=dict(state.get("position_rng", {})),
+            slot_rng=dict(state.get("slot_rng", {})),
+        )
+        self.main_rng_applied = False
+
+
+def can_make_resumable(loader: Any) -> bool:
+    """Map-style datasets with automatic batching in order: the common case we can resume exactly."""
+    if not isinstance(loader, DataLoader):
+        return False
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
+        return False
+    if getattr(loader, "in_order", True) is False:
+        return False
+    # A subclass that changes how iteration works would be bypassed; StatefulDataLoader only adds state.
+    iter_owner = type(loader).__iter__
+    if iter_owner is not DataLoader.__iter__ and type(loader).__module__.split(".")[0] != "torchdata":
+        return False
+    return True
+
+
+def _build_internal_loader(loader: DataLoader, batch_sampler: _ResumableBatchSampler) -> DataLoader:
+    kwargs: dict[str, Any] = {
+        "batch_sampler": batch_sampler,
+        "num_workers": loader.num_workers,
+        "collate_fn": _StampingCollate(loader.collate_fn),
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "persistent_workers": loader.persistent_workers,
+    }
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    accepted = inspect.signature(DataLoader.__init__).parameters
+    if "pin_memory_device" in accepted and getattr(loader, "pin_memory_device", ""):
+        kwargs["pin_memory_device"] = loader.pin_memory_device
+    if "in_order" in accepted:
+        kwargs["in_order"] = True
+    return DataLoader(_StampingDataset(loader.dataset), **kwargs)
+
