@@ -111,6 +111,9 @@ class Resumable(Callback):
         self._logs_flushed = threading.Event()
         self._exit_after_commit = False
         self._awaiting_flush = False
+        self._val_iterated = False
+        self._cancel_val_worker_seed = False
+        self._rng_before_val: dict[str, Any] | None = None
         self._trainer_ref: pl.Trainer | None = None
         self._last_save_step = 0
         self._last_save_time = time.monotonic()
@@ -224,6 +227,10 @@ class Resumable(Callback):
             return
         self._loader_states = list(mine.get("loaders", []))
         self._resume_rng = mine.get("rng")
+        # Persistent validation workers already existed in the interrupted process (made during the
+        # sanity check, which a resumed fit skips): creating them again here draws one base seed
+        # from the global RNG that the original run never drew.
+        self._cancel_val_worker_seed = bool(mine.get("val_iterated"))
 
     def _make_loader(self, loader: Any) -> Any:
         if not can_make_resumable(loader):
@@ -280,6 +287,9 @@ class Resumable(Callback):
             return
         if self._writer is not None and not self._writer.is_alive():
             self._reap_writer()
+        if self._cancel_val_worker_seed and _persistent_val_workers(trainer):
+            if _lightning.validation_due_after_batch(trainer):
+                self._rng_before_val = rng.capture()
         signalled, due, busy = self._agree(
             trainer, bool(self._flag), self._periodic_due(trainer), self._writer is not None
         )
@@ -292,6 +302,13 @@ class Resumable(Callback):
             self._exit_after_commit = True
         elif not busy:
             self._save(trainer, batch_idx + 1, reason="periodic", copy_tensors=True)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_iterated = True
+        if self._rng_before_val is not None:
+            rng.restore(self._rng_before_val)
+            self._rng_before_val = None
+            self._cancel_val_worker_seed = False
 
     def _periodic_due(self, trainer: pl.Trainer) -> bool:
         if self.every_n_train_steps and trainer.global_step - self._last_save_step >= self.every_n_train_steps:
@@ -335,6 +352,7 @@ class Resumable(Callback):
             "loaders": [loader.position_state(consumed, main_rng) for loader in self._loaders],
             "logged_step": _lightning.logged_step(trainer),
             "logger_versions": [getattr(lg, "version", None) for lg in trainer.loggers],
+            "val_iterated": self._val_iterated or self._cancel_val_worker_seed,
         }
         ranks = _gather(trainer, mine)
         self._state_for_dump = {"version": _STATE_VERSION, "ranks": ranks, "reason": reason}
@@ -441,6 +459,15 @@ def _gather(trainer: pl.Trainer, state: dict[str, Any]) -> list[dict[str, Any]]:
     gathered: list[Any] = [None] * trainer.world_size
     torch.distributed.all_gather_object(gathered, state)
     return gathered
+
+
+def _persistent_val_workers(trainer: pl.Trainer) -> bool:
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        return False
+    if not isinstance(loaders, (list, tuple)):
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else [loaders]
+    return any(getattr(dl, "persistent_workers", False) and getattr(dl, "num_workers", 0) > 0 for dl in loaders)
 
 
 def _distributed(trainer: pl.Trainer) -> bool:
