@@ -19,7 +19,6 @@ The user's loader is never iterated: we iterate an internal loader built from it
 from __future__ import annotations
 
 import inspect
-import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -117,14 +116,20 @@ class _Plan:
 
     start: int  # first position to produce (aligned down to a worker-cycle boundary)
     first_yield: int  # first position handed to the training loop
-    sampler_rng: dict[str, Any]  # RNG state when the epoch's sampler started, in the original run
-    base_rng: dict[str, Any] | None  # RNG state when the current workers were created (base seed)
+    sampler_rng: dict[str, Any]  # RNG state when the original iteration first called iter(sampler)
+    fresh: bool  # whether the original iteration created its workers (and drew a base seed)
+    base_rng: dict[str, Any] | None  # RNG state right before the base seed of the current workers
     position_rng: dict[int, dict[str, Any]] = field(default_factory=dict)  # num_workers == 0
     slot_rng: dict[int, dict[str, Any]] = field(default_factory=dict)  # num_workers > 0, by worker slot
 
 
 class _ResumableBatchSampler:
-    """Yields the user's index batches as :class:`_IndexBatch`; on resume, skips by indices only."""
+    """Yields the user's index batches as :class:`_IndexBatch`; on resume, skips by indices only.
+
+    ``iter()`` is passed straight through to the user's sampler, at the same moment and as often as
+    the DataLoader calls it (torch calls it twice for a multi-process iterator; torchdata's sampler
+    draws its permutation right then), so an uninterrupted run draws what it always drew.
+    """
 
     def __init__(self, inner: Iterable[list[int]], owner: ResumableLoader) -> None:
         self.inner = inner
@@ -137,28 +142,44 @@ class _ResumableBatchSampler:
     def __iter__(self) -> Iterator[_IndexBatch]:
         owner = self.owner
         plan = owner._active_plan
-        position = 0
-        head: list[list[int]] = []
+        first_call, owner._first_sampler_call = owner._first_sampler_call, False
         if plan is None:
-            # Taken before the inner sampler draws its shuffle seed.
-            owner._sampler_rng = owner._capture_sampler_rng()
+            if not first_call:
+                return self._batches(iter(self.inner), 0, None)
+            before = owner._capture_sampler_rng()
             it = iter(self.inner)
-        else:
-            saved = rng.capture(include_cuda=False)
-            owner._restore_sampler_rng(plan.sampler_rng)
-            it = iter(self.inner)
-            try:
-                # Replays the shuffle and walks past consumed batches: index lists only, no data loaded.
-                for _ in range(plan.start):
-                    next(it)
-                head = [next(it)]
-            except StopIteration:
-                head = []
-            finally:
-                rng.restore(saved)
-            owner._sampler_rng = plan.sampler_rng
-            position = plan.start
-        for indices in itertools.chain(head, it):
+            owner._sampler_rng = before
+            owner._recorded_fresh = owner._iteration_fresh
+            if owner._iteration_fresh:
+                owner._base_rng = owner._capture_sampler_rng()  # the base seed is drawn next
+            return self._batches(it, 0, None)
+        owner._sampler_rng, owner._base_rng, owner._recorded_fresh = plan.sampler_rng, plan.base_rng, plan.fresh
+        if plan.fresh:
+            # The original iteration was built like this one: replaying from its first iter() call
+            # reproduces the base seed, the shuffle and everything in between.
+            if first_call:
+                owner._restore_sampler_rng(plan.sampler_rng)
+            return self._batches(iter(self.inner), plan.start, None)
+        # The original reused persistent workers (no base seed drawn); this iteration starts new ones.
+        owner._restore_sampler_rng(plan.sampler_rng)
+        it = iter(self.inner)
+        after_iter = owner._capture_sampler_rng()
+        if plan.base_rng is not None:
+            owner._restore_sampler_rng(plan.base_rng)  # same base seed as the original workers
+        return self._batches(it, plan.start, after_iter)
+
+    def _batches(self, it: Iterator[list[int]], start: int, rng_at_first_next: dict[str, Any] | None) -> Iterator[_IndexBatch]:
+        owner = self.owner
+        if rng_at_first_next is not None:
+            owner._restore_sampler_rng(rng_at_first_next)
+        try:
+            # Walks past consumed batches: index lists only, no data is loaded.
+            for _ in range(start):
+                next(it)
+        except StopIteration:
+            return
+        position = start
+        for indices in it:
             yield _IndexBatch(indices, position, owner._rng_for(position))
             position += 1
 
@@ -184,6 +205,9 @@ class ResumableLoader:
         self._pending_slot_rng: dict[int, dict[str, Any]] = {}
         self._sampler_rng: dict[str, Any] | None = None
         self._base_rng: dict[str, Any] | None = None
+        self._recorded_fresh = True
+        self._iteration_fresh = True
+        self._first_sampler_call = True
         self._stamps: deque[tuple[int, dict[str, Any], dict[str, Any]]] = deque(
             maxlen=2 * max(1, self.num_workers) + _STAMP_SLACK
         )
@@ -207,25 +231,15 @@ class ResumableLoader:
         self._active_plan = plan
         self._stamps.clear()
         self._received = -1
-        new_workers = not (self._persistent and self._workers_alive)
+        self._iteration_fresh = not (self._persistent and self._workers_alive)
+        self._first_sampler_call = True
         if plan is not None:
             self._pending_slot_rng = dict(plan.slot_rng)
-        elif new_workers:
+        elif self._iteration_fresh:
             self._pending_slot_rng = {}  # fresh workers start from their own seeds
-        if new_workers:
+        if self._iteration_fresh:
             self._last_after.clear()
-            if plan is not None and plan.base_rng is not None:
-                # Same base seed as the original run, so fresh workers are seeded as the originals were.
-                saved = rng.capture(include_cuda=False)
-                self._restore_sampler_rng(plan.base_rng)
-                self._base_rng = plan.base_rng
-                iterator = iter(self._internal)
-                rng.restore(saved)
-            else:
-                self._base_rng = self._capture_sampler_rng()
-                iterator = iter(self._internal)
-        else:
-            iterator = iter(self._internal)
+        iterator = iter(self._internal)
         self._workers_alive = self._persistent
         first_yield = plan.first_yield if plan is not None else 0
         return self._unstamp(iterator, first_yield)
@@ -292,6 +306,7 @@ class ResumableLoader:
             "consumed": consumed,
             "num_workers": self.num_workers,
             "sampler_rng": self._sampler_rng,
+            "fresh": self._recorded_fresh,
             "base_rng": self._base_rng,
         }
         if self.num_workers == 0:
@@ -326,6 +341,7 @@ class ResumableLoader:
             start=int(state["start"]),
             first_yield=int(state["consumed"]),
             sampler_rng=state["sampler_rng"],
+            fresh=bool(state.get("fresh", True)),
             base_rng=state.get("base_rng"),
             position_rng=dict(state.get("position_rng", {})),
             slot_rng=dict(state.get("slot_rng", {})),
@@ -342,10 +358,13 @@ def can_make_resumable(loader: Any) -> bool:
     if getattr(loader, "in_order", True) is False:
         return False
     # A subclass that changes how iteration works would be bypassed; StatefulDataLoader only adds state.
-    iter_owner = type(loader).__iter__
-    if iter_owner is not DataLoader.__iter__ and type(loader).__module__.split(".")[0] != "torchdata":
-        return False
-    return True
+    return type(loader).__iter__ is DataLoader.__iter__ or _is_torchdata(loader)
+
+
+def _is_torchdata(loader: DataLoader) -> bool:
+    # torchdata's StatefulDataLoader draws its seeds differently from torch's DataLoader, so its
+    # stand-in must be a StatefulDataLoader too, or an uninterrupted run would change.
+    return type(loader).__module__.split(".")[0] == "torchdata"
 
 
 def _build_internal_loader(loader: DataLoader, batch_sampler: _ResumableBatchSampler) -> DataLoader:
@@ -362,10 +381,11 @@ def _build_internal_loader(loader: DataLoader, batch_sampler: _ResumableBatchSam
     }
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
-    accepted = inspect.signature(DataLoader.__init__).parameters
+    cls = type(loader) if _is_torchdata(loader) else DataLoader
+    accepted = inspect.signature(cls.__init__).parameters
     if "pin_memory_device" in accepted and getattr(loader, "pin_memory_device", ""):
         kwargs["pin_memory_device"] = loader.pin_memory_device
     if "in_order" in accepted:
         kwargs["in_order"] = True
-    return DataLoader(_StampingDataset(loader.dataset), **kwargs)
+    return cls(_StampingDataset(loader.dataset), **kwargs)
 

@@ -175,14 +175,19 @@ class KillAt(pl.Callback):
     An optional third/fourth field names the signal (default SIGTERM), e.g. ``train:9:SIGKILL``.
     """
 
-    def __init__(self, specs: list[str]) -> None:
+    def __init__(self, specs: list[str], root: str) -> None:
+        self.root = root
         self.specs = [s.split(":") for s in specs]
         self.fired: set[int] = set()
 
     def _fire(self, index: int, sig: str) -> None:
-        if index in self.fired:
+        # Once per run, across relaunches: a resumed run that passes the same point again goes on.
+        marker = os.path.join(self.root, f".killed-{index}")
+        if index in self.fired or os.path.exists(marker):
             return
         self.fired.add(index)
+        os.makedirs(self.root, exist_ok=True)
+        open(marker, "w").close()
         os.kill(os.getpid(), getattr(signal, sig))
 
     def _sig(self, spec: list[str], n: int) -> str:
@@ -217,7 +222,7 @@ def main() -> int:
     args = parse()
     pl.seed_everything(args.seed, workers=False, verbose=False)
     model = Net(args)
-    callbacks: list[pl.Callback] = [KillAt(args.kill)] if args.kill else []
+    callbacks: list[pl.Callback] = [KillAt(args.kill, args.root)] if args.kill else []
     logger: object
     if args.logger == "csv":
         logger = CSVLogger(args.root, name="logs", version=args.logger_version)
