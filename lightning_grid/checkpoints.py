@@ -107,7 +107,8 @@ class CheckpointStore:
         """Fail before training wastes time when nothing could ever be saved here."""
         probe = self._path(f".write-probe-{os.getpid()}-{time.time_ns()}")
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
+            if self.is_local:  # object stores have no folders to make (and makedirs would create a bucket)
+                self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"ok")
             if self.fs.cat_file(probe) != b"ok":
                 raise OSError("read back different bytes")
@@ -130,7 +131,6 @@ class CheckpointStore:
         callback uses it to make the logs it promises to keep in step with the checkpoint durable too.
         """
         name = f"ckpt-{step:010d}-{time.time_ns() // 1_000_000}{_PAYLOAD_SUFFIX}"
-        self.fs.makedirs(self.root, exist_ok=True)
         if self.is_local:
             with atomic_writer(self._path(name)) as handle:
                 writer = HashingWriter(handle)

@@ -1,0 +1,77 @@
+"""Shared helpers for tests that run real training in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "tests" / "scripts" / "train.py"
+sys.path.insert(0, str(REPO / "examples" / "mnist"))
+
+from synthetic_mnist import write_synthetic_mnist  # noqa: E402
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTNING_GRID_")}
+    env.update(
+        OMP_NUM_THREADS="1",  # two cores: processes, not threads, are the parallelism here
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PYTHONWARNINGS="ignore",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    seconds: float
+
+
+def run_train(data_dir: Path, root: Path, out: Path, args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> Run:
+    cmd = [sys.executable, str(TRAIN), "--data-dir", str(data_dir), "--root", str(root), "--out", str(out), *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+    return Run(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start)
+
+
+def run_until_done(data_dir: Path, root: Path, out: Path, args: list[str], max_attempts: int = 8, env: dict[str, str] | None = None) -> list[Run]:
+    """Relaunch the same command until it finishes, as a launcher would; every interrupted attempt
+    must have exited 0 (SIGTERM) or been SIGKILLed (-9)."""
+    runs: list[Run] = []
+    for _ in range(max_attempts):
+        run = run_train(data_dir, root, out, args, env=env)
+        runs.append(run)
+        if out.exists():
+            assert run.returncode == 0, run.output[-3000:]
+            return runs
+        assert run.returncode in (0, -signal.SIGKILL), f"attempt {len(runs)} exited {run.returncode}:\n{run.output[-3000:]}"
+    raise AssertionError(f"not finished after {max_attempts} attempts:\n{runs[-1].output[-3000:]}")
+
+
+def max_abs_diff(a_path: Path, b_path: Path) -> float:
+    a = torch.load(a_path)
+    b = torch.load(b_path)
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def assert_bit_identical(a_path: Path, b_path: Path) -> None:
+    a = torch.load(a_path)
+    b = torch.load(b_path)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ in {different}; max |Δw| = {max_abs_diff(a_path, b_path)}"
+
+
+__all__ = ["write_synthetic_mnist", "run_train", "run_until_done", "assert_bit_identical", "max_abs_diff", "child_env", "Run", "REPO"]
