@@ -219,6 +219,24 @@ class ResumableLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def _iterator(self) -> Any:
+        # Lightning's teardown shuts workers down through this attribute: point it at ours.
+        return self._internal._iterator
+
+    @_iterator.setter
+    def _iterator(self, value: Any) -> None:
+        self._internal._iterator = value
+        if value is None:
+            self._workers_alive = False
+
+    def close(self) -> None:
+        """Stop the workers now rather than whenever the garbage collector gets to them."""
+        iterator = self._internal._iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._iterator = None
+
     def __getattr__(self, name: str) -> Any:
         # dataset, batch_size, sampler, batch_sampler, ...: the user's loader answers.
         if name == "loader":

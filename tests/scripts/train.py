@@ -55,6 +55,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--strategy", default="auto")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--announce", action="store_true", help="print STEP <global_step> at every batch start")
+    p.add_argument("--wide", type=int, default=32, help="hidden width (a bigger model, a bigger checkpoint)")
     return p.parse_args()
 
 
@@ -115,7 +117,7 @@ class Net(pl.LightningModule):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__()
         self.args = args
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Dropout(args.dropout), nn.Linear(32, 10))
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, args.wide), nn.ReLU(), nn.Dropout(args.dropout), nn.Linear(args.wide, 10))
         if args.manual:
             self.automatic_optimization = False
             self.critic = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Dropout(args.dropout), nn.Linear(8, 1))
@@ -163,6 +165,12 @@ class Net(pl.LightningModule):
             return opt
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3 if self.args.sched == "step" else 1, gamma=0.9)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.args.sched}}
+
+
+class Announce(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.is_global_zero:
+            print(f"STEP {trainer.global_step}", flush=True)
 
 
 class KillAt(pl.Callback):
@@ -223,6 +231,8 @@ def main() -> int:
     pl.seed_everything(args.seed, workers=False, verbose=False)
     model = Net(args)
     callbacks: list[pl.Callback] = [KillAt(args.kill, args.root)] if args.kill else []
+    if args.announce:
+        callbacks.append(Announce())
     logger: object
     if args.logger == "csv":
         logger = CSVLogger(args.root, name="logs", version=args.logger_version)

@@ -84,6 +84,7 @@ def test_resume_continues_exactly(workers: int, persistent: bool, cut: int, cut_
     reference = _loader(workers, persistent)
     for _ in range(3):
         _epoch(reference, expected)
+    reference.close()
 
     _seed_all(0)
     first = _loader(workers, persistent)
@@ -92,7 +93,7 @@ def test_resume_continues_exactly(workers: int, persistent: bool, cut: int, cut_
         _epoch(first, got)
     state = _epoch(first, got, stop_after=cut)
     assert state is not None
-    del first
+    first.close()
 
     _seed_all(12345)  # a new process: different RNG
     second = _loader(workers, persistent)
@@ -100,6 +101,7 @@ def test_resume_continues_exactly(workers: int, persistent: bool, cut: int, cut_
     _epoch(second, got, resume_rng=state["rng"])
     for _ in range(cut_epoch + 1, 3):
         _epoch(second, got)
+    second.close()
     _same(expected, got)
 
 

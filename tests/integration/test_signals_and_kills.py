@@ -1,0 +1,137 @@
+"""Real signals from outside the process: SIGTERM → exit 0 with a committed checkpoint and a marker;
+SIGKILL → resume from the newest periodic checkpoint; a kill in the middle of a write changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_grid.checkpoints import CheckpointStore
+from tests.helpers import TRAIN, assert_bit_identical, child_env, run_train, run_until_done
+
+AUG = ["--aug", "--dropout", "0.2"]
+
+
+def _start(mnist_dir: Path, root: Path, out: Path, args: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, str(TRAIN), "--data-dir", str(mnist_dir), "--root", str(root), "--out", str(out), "--announce", *args]
+    return subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, step: int) -> list[str]:
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("STEP ") and int(line.split()[1]) >= step:
+            return lines
+    raise AssertionError("process ended before step %d:\n%s" % (step, "".join(lines[-40:])))
+
+
+def test_external_sigterm_exits_zero_with_marker_then_resumes_exactly(tmp_path: Path, mnist_dir: Path, reference) -> None:
+    options = AUG + ["--step-sleep", "0.02"]
+    expected = reference.get(options)
+    root, out = tmp_path / "run", tmp_path / "w.pt"
+    proc = _start(mnist_dir, root, out, options)
+    _wait_for_step(proc, 4)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - sent
+    assert proc.returncode == 0, output[-3000:]
+    assert not out.exists(), "the script must stop where it was, not run the code after fit()"
+    marker = json.loads((root / "resumable" / "PREEMPTED.json").read_text())
+    store = CheckpointStore(str(root / "resumable"))
+    newest = store.committed()[0]
+    assert marker["step"] == newest.step >= 5 and marker["checkpoint"] == newest.name
+    print(f"SIGTERM → exit: {elapsed:.2f}s")
+    run_until_done(mnist_dir, root, out, options)
+    assert_bit_identical(expected, out)
+    assert not (root / "resumable" / "PREEMPTED.json").exists(), "a finished run leaves no preemption marker"
+
+
+def test_second_sigterm_while_saving_changes_nothing(tmp_path: Path, mnist_dir: Path, reference) -> None:
+    options = AUG + ["--wide", "2048", "--step-sleep", "0.02"]  # ~6 MB of weights + momentum
+    expected = reference.get(options)
+    root, out = tmp_path / "run", tmp_path / "w.pt"
+    proc = _start(mnist_dir, root, out, options)
+    _wait_for_step(proc, 3)
+    for _ in range(5):
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.01)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    run_until_done(mnist_dir, root, out, options)
+    assert_bit_identical(expected, out)
+
+
+def test_sigusr1_when_configured(tmp_path: Path, mnist_dir: Path, reference) -> None:
+    options = AUG + ["--signals", "SIGTERM,SIGUSR1"]
+    expected = reference.get(AUG)
+    root, out = tmp_path / "run", tmp_path / "w.pt"
+    runs = run_until_done(mnist_dir, root, out, options + ["--kill", "train:6:SIGUSR1"])
+    assert len(runs) == 2 and "SIGUSR1 received" in runs[0].output
+    assert_bit_identical(expected, out)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_resumes_from_newest_periodic_checkpoint(workers: int, tmp_path: Path, mnist_dir: Path, reference) -> None:
+    options = AUG + ["--workers", str(workers)]
+    expected = reference.get(options)
+    root, out = tmp_path / "run", tmp_path / "w.pt"
+    args = options + ["--every-n-steps", "4", "--keep", "2", "--kill", "train:10:SIGKILL", "--kill", "train:23:SIGKILL"]
+    runs = run_until_done(mnist_dir, root, out, args)
+    assert [r.returncode for r in runs] == [-signal.SIGKILL, -signal.SIGKILL, 0]
+    # The second attempt resumed from step 8: the newest committed before the kill at step 10.
+    assert "step 8, periodic" in runs[1].output
+    assert_bit_identical(expected, out)
+    assert len(CheckpointStore(str(root / "resumable")).committed()) == 2  # keep=2
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path, mnist_dir: Path, reference) -> None:
+    expected = reference.get(AUG)
+    root, out = tmp_path / "run", tmp_path / "w.pt"
+    killed = run_train(mnist_dir, root, out, AUG + ["--every-n-steps", "3", "--kill", "train:10:SIGKILL"])
+    assert killed.returncode == -signal.SIGKILL
+    store = CheckpointStore(str(root / "resumable"))
+    newest, previous = store.committed()[:2]
+    assert (newest.step, previous.step) == (9, 6)
+    payload = root / "resumable" / newest.name
+    payload.write_bytes(payload.read_bytes()[:1000])  # truncated, as by a full disk
+    runs = run_until_done(mnist_dir, root, out, AUG + ["--every-n-steps", "3"])
+    assert newest.name in runs[0].output and previous.name in runs[0].output  # the warning names both
+    assert "step 6, periodic" in runs[0].output
+    assert_bit_identical(expected, out)
+
+
+def test_sigkill_in_the_middle_of_a_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    store = CheckpointStore(url)
+    first = store.save({"step": 1}, step=1)
+    writer = textwrap.dedent(
+        f"""
+        import torch
+        from lightning_grid.checkpoints import CheckpointStore
+        print("writing", flush=True)
+        CheckpointStore({url!r}).save({{"big": torch.ones(300_000_000, dtype=torch.uint8)}}, step=2)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer], env=child_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".tmp") and p.stat().st_size > 1_000_000 for p in (tmp_path / "store").iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the writer never got going"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    found = CheckpointStore(url).latest_valid()
+    assert found is not None and found[0] == first
+    CheckpointStore(url).remove_uncommitted()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted([first.name, first.name + ".commit.json"])
