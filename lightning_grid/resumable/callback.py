@@ -44,6 +44,9 @@ __all__ = ["Resumable", "Preempted"]
 log = logging.getLogger("lightning_grid")
 
 _STATE_KEY = "lightning_grid.Resumable"
+# The instance the launcher's entry point adds needs its own key: Lightning refuses two stateful
+# callbacks with one key, and the script may have added its own Resumable as well.
+_FACTORY_STATE_KEY = "lightning_grid.Resumable[launcher]"
 _STATE_VERSION = 1
 
 
@@ -121,7 +124,7 @@ class Resumable(Callback):
 
     @property
     def state_key(self) -> str:
-        return _STATE_KEY
+        return _FACTORY_STATE_KEY if self._from_factory else _STATE_KEY
 
     # -- set-up ------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -164,7 +167,10 @@ class Resumable(Callback):
         checkpoint = self.store.load_bytes(data)
         location = self.store.location(record.name)
         self._check_same_model(pl_module, checkpoint, location, record.step)
-        ours = (checkpoint.get("callbacks") or {}).get(_STATE_KEY) or {}
+        callback_states = checkpoint.setdefault("callbacks", {})
+        ours = callback_states.get(_STATE_KEY) or callback_states.get(_FACTORY_STATE_KEY) or {}
+        if ours:
+            callback_states[self.state_key] = ours  # whichever instance wrote it, this one reads it
         mine = self._rank_state(trainer, ours)
         if mine is not None:
             for logger, version in zip(trainer.loggers, mine.get("logger_versions", [])):

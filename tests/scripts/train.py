@@ -55,6 +55,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--strategy", default="auto")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--kill-rank", type=int, default=0, help="the rank that sends itself the --kill signals")
     p.add_argument("--announce", action="store_true", help="print STEP <global_step> at every batch start")
     p.add_argument("--wide", type=int, default=32, help="hidden width (a bigger model, a bigger checkpoint)")
     return p.parse_args()
@@ -183,14 +184,17 @@ class KillAt(pl.Callback):
     An optional third/fourth field names the signal (default SIGTERM), e.g. ``train:9:SIGKILL``.
     """
 
-    def __init__(self, specs: list[str], root: str) -> None:
+    def __init__(self, specs: list[str], root: str, rank: int = 0) -> None:
         self.root = root
+        self.rank = rank
         self.specs = [s.split(":") for s in specs]
         self.fired: set[int] = set()
 
     def _fire(self, index: int, sig: str) -> None:
         # Once per run, across relaunches: a resumed run that passes the same point again goes on.
         marker = os.path.join(self.root, f".killed-{index}")
+        if self._trainer.global_rank != self.rank:
+            return
         if index in self.fired or os.path.exists(marker):
             return
         self.fired.add(index)
@@ -201,15 +205,17 @@ class KillAt(pl.Callback):
     def _sig(self, spec: list[str], n: int) -> str:
         return spec[n] if len(spec) > n else "SIGTERM"
 
+    def setup(self, trainer, pl_module, stage):
+        self._trainer = trainer
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         for i, spec in enumerate(self.specs):
-            if spec[0] == "train" and trainer.global_step == int(spec[1]) and trainer.is_global_zero:
+            if spec[0] == "train" and trainer.global_step == int(spec[1]):
                 self._fire(i, self._sig(spec, 2))
             if (
                 spec[0] == "last"
                 and trainer.current_epoch == int(spec[1])
                 and batch_idx == trainer.num_training_batches - 1
-                and trainer.is_global_zero
             ):
                 self._fire(i, self._sig(spec, 2))
 
@@ -230,7 +236,7 @@ def main() -> int:
     args = parse()
     pl.seed_everything(args.seed, workers=False, verbose=False)
     model = Net(args)
-    callbacks: list[pl.Callback] = [KillAt(args.kill, args.root)] if args.kill else []
+    callbacks: list[pl.Callback] = [KillAt(args.kill, args.root, args.kill_rank)] if args.kill else []
     if args.announce:
         callbacks.append(Announce())
     logger: object
