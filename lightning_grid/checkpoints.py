@@ -134,7 +134,7 @@ class CheckpointStore:
         if self.is_local:
             with atomic_writer(self._path(name)) as handle:
                 writer = HashingWriter(handle)
-                torch.save(checkpoint, writer)
+                torch.save(checkpoint, writer)  # type: ignore[arg-type]
             digest, size = writer.sha256, writer.size
         else:
             digest, size = self._save_remote(checkpoint, name)
@@ -152,7 +152,7 @@ class CheckpointStore:
         local = os.path.join(spool, name)
         with atomic_writer(local) as handle:
             writer = HashingWriter(handle)
-            torch.save(checkpoint, writer)
+            torch.save(checkpoint, writer)  # type: ignore[arg-type]
         self._with_retries(lambda: self.fs.put_file(local, self._path(name)), f"upload {name}", keep=local)
         os.unlink(local)
         return writer.sha256, writer.size
@@ -172,8 +172,12 @@ class CheckpointStore:
             except Exception as exc:  # network and backend errors all look different
                 if attempt == self.retries:
                     where = f"; the checkpoint is kept at {keep}" if keep else ""
-                    raise StoreError(f"could not {what} to {self.url!r} after {attempt + 1} tries: {exc}{where}") from exc
-                log.warning("lightning_grid: %s to %s failed (%s); retrying in %.1fs", what, self.url, exc, delay)
+                    raise StoreError(
+                        f"could not {what} to {self.url!r} after {attempt + 1} tries: {exc}{where}"
+                    ) from exc
+                log.warning(
+                    "lightning_grid: %s to %s failed (%s); retrying in %.1fs", what, self.url, exc, delay
+                )
                 time.sleep(delay)
                 delay *= 2
 
@@ -191,7 +195,9 @@ class CheckpointStore:
             try:
                 records.append(CommitRecord.from_json(self.fs.cat_file(self._path(name))))
             except (ValueError, KeyError, OSError) as exc:
-                log.warning("lightning_grid: ignoring unreadable commit record %s: %s", self.location(name), exc)
+                log.warning(
+                    "lightning_grid: ignoring unreadable commit record %s: %s", self.location(name), exc
+                )
         records.sort(key=lambda r: (r.step, r.time), reverse=True)
         return records
 
@@ -199,7 +205,9 @@ class CheckpointStore:
         try:
             data = self.fs.cat_file(self._path(record.name))
         except FileNotFoundError as exc:
-            raise CorruptCheckpointError(f"checkpoint {self.location(record.name)} is committed but missing") from exc
+            raise CorruptCheckpointError(
+                f"checkpoint {self.location(record.name)} is committed but missing"
+            ) from exc
         if len(data) != record.size:
             raise CorruptCheckpointError(
                 f"checkpoint {self.location(record.name)} has {len(data)} bytes, its commit record says {record.size}"
@@ -277,4 +285,3 @@ class CheckpointStore:
             self.fs.rm_file(self._path(PREEMPTED_MARKER))
         if self.is_local:
             fsync_dir(self.root)
-

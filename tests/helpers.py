@@ -38,14 +38,38 @@ class Run:
     seconds: float
 
 
-def run_train(data_dir: Path, root: Path, out: Path, args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> Run:
-    cmd = [sys.executable, str(TRAIN), "--data-dir", str(data_dir), "--root", str(root), "--out", str(out), *args]
+def run_train(
+    data_dir: Path,
+    root: Path,
+    out: Path,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> Run:
+    cmd = [
+        sys.executable,
+        str(TRAIN),
+        "--data-dir",
+        str(data_dir),
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        *args,
+    ]
     start = time.monotonic()
     proc = subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
     return Run(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start)
 
 
-def run_until_done(data_dir: Path, root: Path, out: Path, args: list[str], max_attempts: int = 8, env: dict[str, str] | None = None) -> list[Run]:
+def run_until_done(
+    data_dir: Path,
+    root: Path,
+    out: Path,
+    args: list[str],
+    max_attempts: int = 8,
+    env: dict[str, str] | None = None,
+) -> list[Run]:
     """Relaunch the same command until it finishes, as a launcher would; every interrupted attempt
     must have exited 0 (SIGTERM) or been SIGKILLed (-9)."""
     runs: list[Run] = []
@@ -55,7 +79,9 @@ def run_until_done(data_dir: Path, root: Path, out: Path, args: list[str], max_a
         if out.exists():
             assert run.returncode == 0, run.output[-3000:]
             return runs
-        assert run.returncode in (0, -signal.SIGKILL), f"attempt {len(runs)} exited {run.returncode}:\n{run.output[-3000:]}"
+        assert run.returncode in (0, -signal.SIGKILL), (
+            f"attempt {len(runs)} exited {run.returncode}:\n{run.output[-3000:]}"
+        )
     raise AssertionError(f"not finished after {max_attempts} attempts:\n{runs[-1].output[-3000:]}")
 
 
@@ -74,4 +100,13 @@ def assert_bit_identical(a_path: Path, b_path: Path) -> None:
     assert not different, f"weights differ in {different}; max |Δw| = {max_abs_diff(a_path, b_path)}"
 
 
-__all__ = ["write_synthetic_mnist", "run_train", "run_until_done", "assert_bit_identical", "max_abs_diff", "child_env", "Run", "REPO"]
+__all__ = [
+    "write_synthetic_mnist",
+    "run_train",
+    "run_until_done",
+    "assert_bit_identical",
+    "max_abs_diff",
+    "child_env",
+    "Run",
+    "REPO",
+]

@@ -71,4 +71,3 @@ def write_synthetic_mnist(root: str, n_train: int = 6000, n_test: int = 1000, se
         _write_idx(os.path.join(raw, FILES[f"{split}_images"]), 2051, (n, 28, 28), images.tobytes())
         _write_idx(os.path.join(raw, FILES[f"{split}_labels"]), 2049, (n,), labels.tobytes())
     return raw
-

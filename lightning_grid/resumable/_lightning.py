@@ -51,7 +51,7 @@ class _WrappingCombinedLoader(CombinedLoader):
     def _set_flattened(self, loaders: list[Any]) -> None:
         CombinedLoader.flattened.fset(self, [self._transform(dl) for dl in loaders])  # type: ignore[attr-defined]
 
-    flattened = property(CombinedLoader.flattened.fget, _set_flattened)  # type: ignore[assignment]
+    flattened = property(CombinedLoader.flattened.fget, _set_flattened)  # type: ignore[assignment,attr-defined]
 
 
 @dataclass
@@ -97,7 +97,8 @@ def dump_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
 def validation_due_after_batch(trainer: pl.Trainer) -> bool:
     """Whether the fit loop will run validation right after the batch that just ended."""
     loop = trainer.fit_loop.epoch_loop
-    return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    fetcher = trainer.fit_loop._data_fetcher
+    return fetcher is not None and bool(loop._should_check_val_fx(fetcher))
 
 
 def logged_step(trainer: pl.Trainer) -> int:

@@ -131,7 +131,7 @@ class Resumable(Callback):
         if stage != "fit":
             return
         self._trainer_ref = trainer
-        others = [cb for cb in trainer.callbacks if isinstance(cb, Resumable) and cb is not self]
+        others = [cb for cb in trainer.callbacks if isinstance(cb, Resumable) and cb is not self]  # type: ignore[attr-defined]
         if self._from_factory and others:
             self._active = False  # the user added one explicitly: it is in charge
             return
@@ -141,9 +141,9 @@ class Resumable(Callback):
             self.store.remove_uncommitted()
         trainer.strategy.barrier("lightning_grid.setup")
         self._flag.install()
-        # Ours is cut last at a batch end, so other callbacks' state for that batch is included.
-        trainer.callbacks.remove(self)
-        trainer.callbacks.append(self)
+        # Ours runs last at a batch end, so other callbacks' state for that batch is included. A new
+        # list, because Lightning is iterating over the current one to call setup().
+        trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]  # type: ignore[attr-defined]
         _lightning.wrap_train_loaders(trainer, self._make_loader)
         if self.resume:
             self._resume_from_store(trainer, pl_module)
@@ -177,7 +177,9 @@ class Resumable(Callback):
                 if version is not None:
                     _lightning.reopen_logger(logger, version, int(mine["logged_step"]))
             # Lightning would warn that a plain loader cannot resume mid-epoch; ours can.
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            warnings.filterwarnings(
+                "ignore", message="You're resuming from a checkpoint that ended before the epoch"
+            )
         _lightning.inject_checkpoint(trainer, checkpoint)
         self.resumed_from = record
         if trainer.is_global_zero:
@@ -199,7 +201,9 @@ class Resumable(Callback):
         return dict(ranks[trainer.global_rank])
 
     @staticmethod
-    def _check_same_model(pl_module: pl.LightningModule, checkpoint: dict[str, Any], where: str, step: int) -> None:
+    def _check_same_model(
+        pl_module: pl.LightningModule, checkpoint: dict[str, Any], where: str, step: int
+    ) -> None:
         if not pl_module.strict_loading or is_overridden("configure_model", pl_module):
             return  # layers created later, or partial loading was asked for: Lightning decides
         saved = checkpoint.get("state_dict") or {}
@@ -268,7 +272,9 @@ class Resumable(Callback):
         if trainer.is_global_zero and self.store is not None:
             self.store.clear_marker()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if not self._active:
             return
         if self._resume_rng is not None:
@@ -293,9 +299,12 @@ class Resumable(Callback):
             return
         if self._writer is not None and not self._writer.is_alive():
             self._reap_writer()
-        if self._cancel_val_worker_seed and _persistent_val_workers(trainer):
-            if _lightning.validation_due_after_batch(trainer):
-                self._rng_before_val = rng.capture()
+        if (
+            self._cancel_val_worker_seed
+            and _persistent_val_workers(trainer)
+            and _lightning.validation_due_after_batch(trainer)
+        ):
+            self._rng_before_val = rng.capture()
         signalled, due, busy = self._agree(
             trainer, bool(self._flag), self._periodic_due(trainer), self._writer is not None
         )
@@ -317,7 +326,10 @@ class Resumable(Callback):
             self._cancel_val_worker_seed = False
 
     def _periodic_due(self, trainer: pl.Trainer) -> bool:
-        if self.every_n_train_steps and trainer.global_step - self._last_save_step >= self.every_n_train_steps:
+        if (
+            self.every_n_train_steps
+            and trainer.global_step - self._last_save_step >= self.every_n_train_steps
+        ):
             return True
         return bool(self.every_n_seconds and time.monotonic() - self._last_save_time >= self.every_n_seconds)
 
@@ -338,7 +350,10 @@ class Resumable(Callback):
             return False
         if trainer.should_stop or (0 <= trainer.max_steps <= trainer.global_step):
             return False
-        if trainer.lightning_module.automatic_optimization and (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if (
+            trainer.lightning_module.automatic_optimization
+            and (batch_idx + 1) % trainer.accumulate_grad_batches
+        ):
             return False
         return not _lightning.validation_due_after_batch(trainer)
 
@@ -377,9 +392,16 @@ class Resumable(Callback):
             checkpoint = _copy_tensors(checkpoint)
         self._logs_flushed.clear()
         self._write_error = None
-        meta = {"epoch": trainer.current_epoch, "batch_in_epoch": consumed, "logged_step": mine["logged_step"]}
+        meta = {
+            "epoch": trainer.current_epoch,
+            "batch_in_epoch": consumed,
+            "logged_step": mine["logged_step"],
+        }
         self._writer = threading.Thread(
-            target=self._write, args=(checkpoint, step, reason, meta), name="lightning_grid-checkpoint", daemon=True
+            target=self._write,
+            args=(checkpoint, step, reason, meta),
+            name="lightning_grid-checkpoint",
+            daemon=True,
         )
         self._writer.start()
 
@@ -387,11 +409,14 @@ class Resumable(Callback):
         assert self.store is not None
         try:
             self.last_commit = self.store.save(
-                checkpoint, step, reason=reason, meta=meta, before_commit=self._logs_flushed.wait
+                checkpoint, step, reason=reason, meta=meta, before_commit=self._wait_for_logs
             )
             self.store.prune(self.keep)
         except BaseException as exc:  # reported on the training thread
             self._write_error = exc
+
+    def _wait_for_logs(self) -> None:
+        self._logs_flushed.wait()
 
     def _reap_writer(self) -> None:
         if self._writer is None:
@@ -402,7 +427,9 @@ class Resumable(Callback):
             error, self._write_error = self._write_error, None
             if isinstance(error, LightningGridError):
                 raise error
-            raise LightningGridError(f"saving a checkpoint to {self.store.url if self.store else '?'} failed: {error}") from error
+            raise LightningGridError(
+                f"saving a checkpoint to {self.store.url if self.store else '?'} failed: {error}"
+            ) from error
 
     def _flush_logs(self, trainer: pl.Trainer) -> None:
         for logger in trainer.loggers:
@@ -440,7 +467,9 @@ class Resumable(Callback):
             self._logs_flushed.set()
             self._reap_writer()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         if not self._active or isinstance(exception, Preempted):
             return
         if self._writer is not None:
@@ -473,7 +502,9 @@ def _persistent_val_workers(trainer: pl.Trainer) -> bool:
         return False
     if not isinstance(loaders, (list, tuple)):
         loaders = list(loaders.values()) if isinstance(loaders, dict) else [loaders]
-    return any(getattr(dl, "persistent_workers", False) and getattr(dl, "num_workers", 0) > 0 for dl in loaders)
+    return any(
+        getattr(dl, "persistent_workers", False) and getattr(dl, "num_workers", 0) > 0 for dl in loaders
+    )
 
 
 def _distributed(trainer: pl.Trainer) -> bool:

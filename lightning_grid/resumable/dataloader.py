@@ -153,7 +153,11 @@ class _ResumableBatchSampler:
             if owner._iteration_fresh:
                 owner._base_rng = owner._capture_sampler_rng()  # the base seed is drawn next
             return self._batches(it, 0, None)
-        owner._sampler_rng, owner._base_rng, owner._recorded_fresh = plan.sampler_rng, plan.base_rng, plan.fresh
+        owner._sampler_rng, owner._base_rng, owner._recorded_fresh = (
+            plan.sampler_rng,
+            plan.base_rng,
+            plan.fresh,
+        )
         if plan.fresh:
             # The original iteration was built like this one: replaying from its first iter() call
             # reproduces the base seed, the shuffle and everything in between.
@@ -168,7 +172,9 @@ class _ResumableBatchSampler:
             owner._restore_sampler_rng(plan.base_rng)  # same base seed as the original workers
         return self._batches(it, plan.start, after_iter)
 
-    def _batches(self, it: Iterator[list[int]], start: int, rng_at_first_next: dict[str, Any] | None) -> Iterator[_IndexBatch]:
+    def _batches(
+        self, it: Iterator[list[int]], start: int, rng_at_first_next: dict[str, Any] | None
+    ) -> Iterator[_IndexBatch]:
         owner = self.owner
         if rng_at_first_next is not None:
             owner._restore_sampler_rng(rng_at_first_next)
@@ -278,7 +284,11 @@ class ResumableLoader:
     # -- RNG bookkeeping ---------------------------------------------------------------------------
     def _generators(self) -> list[torch.Generator]:
         found: dict[int, torch.Generator] = {}
-        for owner in (self.loader, getattr(self.loader, "batch_sampler", None), getattr(self.loader, "sampler", None)):
+        for owner in (
+            self.loader,
+            getattr(self.loader, "batch_sampler", None),
+            getattr(self.loader, "sampler", None),
+        ):
             gen = getattr(owner, "generator", None)
             if isinstance(gen, torch.Generator):
                 found[id(gen)] = gen
@@ -328,7 +338,9 @@ class ResumableLoader:
             "base_rng": self._base_rng,
         }
         if self.num_workers == 0:
-            position_rng = {pos: stamps[pos][0] for pos in range(consumed, self._received + 1) if pos in stamps}
+            position_rng = {
+                pos: stamps[pos][0] for pos in range(consumed, self._received + 1) if pos in stamps
+            }
             position_rng[max(consumed, self._received + 1)] = main_rng
             state["position_rng"] = position_rng
             state["start"] = consumed
@@ -401,9 +413,8 @@ def _build_internal_loader(loader: DataLoader, batch_sampler: _ResumableBatchSam
         kwargs["prefetch_factor"] = loader.prefetch_factor
     cls = type(loader) if _is_torchdata(loader) else DataLoader
     accepted = inspect.signature(cls.__init__).parameters
-    if "pin_memory_device" in accepted and getattr(loader, "pin_memory_device", ""):
+    if "pin_memory_device" in accepted and str(getattr(loader, "pin_memory_device", None) or ""):
         kwargs["pin_memory_device"] = loader.pin_memory_device
     if "in_order" in accepted:
         kwargs["in_order"] = True
     return cls(_StampingDataset(loader.dataset), **kwargs)
-

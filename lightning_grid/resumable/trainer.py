@@ -34,4 +34,4 @@ class Trainer(pl.Trainer):
 
     @property
     def resumable(self) -> Resumable:
-        return next(cb for cb in self.callbacks if isinstance(cb, Resumable) and cb._active)
+        return next(cb for cb in self.callbacks if isinstance(cb, Resumable) and cb._active)  # type: ignore[attr-defined]

@@ -17,7 +17,9 @@ DDP = ["--strategy", "ddp", "--devices", "2", "--aug", "--dropout", "0.2", "--wo
 def test_ddp_sigterm_to_any_rank(rank: int, tmp_path: Path, mnist_dir: Path, reference) -> None:
     expected = reference.get(DDP)
     out = tmp_path / "w.pt"
-    runs = run_until_done(mnist_dir, tmp_path / "run", out, DDP + ["--kill-rank", str(rank), "--kill", "train:3"])
+    runs = run_until_done(
+        mnist_dir, tmp_path / "run", out, DDP + ["--kill-rank", str(rank), "--kill", "train:3"]
+    )
     assert len(runs) == 2 and runs[0].returncode == 0
     assert runs[0].output.count("checkpoint at step") == 1
     assert_bit_identical(expected, out)

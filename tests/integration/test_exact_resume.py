@@ -32,22 +32,36 @@ CASES = {
 }
 
 SLOW_CASES = {
-    "workers_mid_validation": (AUG + ["--workers", "2", "--val-check-interval", "0.5"], ["val:7:1", "last:1"]),
+    "workers_mid_validation": (
+        AUG + ["--workers", "2", "--val-check-interval", "0.5"],
+        ["val:7:1", "last:1"],
+    ),
     "persistent_3_workers_3_epochs": (
         AUG + ["--workers", "3", "--persistent", "--sched", "epoch", "--epochs", "3"],
         ["train:4", "epoch_end:1", "train:38"],
     ),
-    "stateful_persistent_workers": (AUG + ["--workers", "2", "--loader", "stateful", "--persistent"], ["train:5", "train:19"]),
-    "generator_persistent": (AUG + ["--loader", "generator", "--workers", "2", "--persistent"], ["train:5", "train:20"]),
+    "stateful_persistent_workers": (
+        AUG + ["--workers", "2", "--loader", "stateful", "--persistent"],
+        ["train:5", "train:19"],
+    ),
+    "generator_persistent": (
+        AUG + ["--loader", "generator", "--workers", "2", "--persistent"],
+        ["train:5", "train:20"],
+    ),
     "datamodule_workers_validation": (
         AUG + ["--datamodule", "--workers", "2", "--val-check-interval", "0.25"],
         ["val:3:0", "val:10:1", "epoch_end:0"],
     ),
-    "accumulation_with_workers": (AUG + ["--accum", "2", "--workers", "2", "--sched", "step"], ["train:3", "train:9"]),
+    "accumulation_with_workers": (
+        AUG + ["--accum", "2", "--workers", "2", "--sched", "step"],
+        ["train:3", "train:9"],
+    ),
 }
 
 
-def _check(tmp_path: Path, mnist_dir: Path, reference, options: list[str], kills: list[str], mode: str = "callback") -> list:
+def _check(
+    tmp_path: Path, mnist_dir: Path, reference, options: list[str], kills: list[str], mode: str = "callback"
+) -> list:
     expected = reference.get(options)
     out = tmp_path / "weights.pt"
     args = ["--mode", mode, *options]
@@ -80,7 +94,9 @@ def test_sigterm_resume_is_bit_identical_more(name: str, tmp_path: Path, mnist_d
     [AUG, AUG + ["--workers", "2", "--persistent"], AUG + ["--loader", "stateful", "--workers", "2"]],
     ids=["workers0", "persistent_workers", "stateful_workers"],
 )
-def test_adding_resumable_does_not_change_an_uninterrupted_run(options: list[str], tmp_path: Path, mnist_dir: Path, reference) -> None:
+def test_adding_resumable_does_not_change_an_uninterrupted_run(
+    options: list[str], tmp_path: Path, mnist_dir: Path, reference
+) -> None:
     _check(tmp_path, mnist_dir, reference, options, [])
 
 

@@ -12,12 +12,20 @@ from tests.helpers import assert_bit_identical, child_env, run_train, run_until_
 AUG = ["--aug", "--dropout", "0.2"]
 
 
-def test_script_that_never_imports_us_resumes_exactly_via_entry_point(tmp_path: Path, mnist_dir: Path, reference) -> None:
+def test_script_that_never_imports_us_resumes_exactly_via_entry_point(
+    tmp_path: Path, mnist_dir: Path, reference
+) -> None:
     expected = reference.get(AUG)
     ckpts = tmp_path / "store" / "checkpoints"
     env = child_env(**{ENV_RESUMABLE: "1", ENV_CHECKPOINTS: str(ckpts)})
     out = tmp_path / "w.pt"
-    runs = run_until_done(mnist_dir, tmp_path / "run", out, ["--mode", "env", *AUG, "--kill", "train:5", "--kill", "train:21"], env=env)
+    runs = run_until_done(
+        mnist_dir,
+        tmp_path / "run",
+        out,
+        ["--mode", "env", *AUG, "--kill", "train:5", "--kill", "train:21"],
+        env=env,
+    )
     assert len(runs) == 3
     assert_bit_identical(expected, out)
     assert CheckpointStore(str(ckpts)).committed(), "checkpoints go where the launcher said"
@@ -37,7 +45,9 @@ def test_explicit_callback_and_launcher_do_not_save_twice(tmp_path: Path, mnist_
     ckpts = tmp_path / "ckpts"
     env = child_env(**{ENV_RESUMABLE: "1", ENV_CHECKPOINTS: str(ckpts)})
     out = tmp_path / "w.pt"
-    runs = run_until_done(mnist_dir, tmp_path / "run", out, ["--mode", "callback", *AUG, "--kill", "train:5"], env=env)
+    runs = run_until_done(
+        mnist_dir, tmp_path / "run", out, ["--mode", "callback", *AUG, "--kill", "train:5"], env=env
+    )
     assert runs[0].output.count("checkpoint at step") == 1
     assert len(CheckpointStore(str(ckpts)).committed()) == 1
     assert_bit_identical(expected, out)
@@ -46,13 +56,17 @@ def test_explicit_callback_and_launcher_do_not_save_twice(tmp_path: Path, mnist_
 def test_unwritable_location_fails_before_training(tmp_path: Path, mnist_dir: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    run = run_train(mnist_dir, tmp_path / "run", tmp_path / "w.pt", ["--ckpt-dir", str(blocker / "ckpts"), "--announce"])
+    run = run_train(
+        mnist_dir, tmp_path / "run", tmp_path / "w.pt", ["--ckpt-dir", str(blocker / "ckpts"), "--announce"]
+    )
     assert run.returncode != 0
     assert "is not writable" in run.output and str(blocker / "ckpts") in run.output
     assert "STEP 0" not in run.output
 
 
-def test_checkpoint_of_a_different_model_is_a_clear_error_and_is_kept(tmp_path: Path, mnist_dir: Path) -> None:
+def test_checkpoint_of_a_different_model_is_a_clear_error_and_is_kept(
+    tmp_path: Path, mnist_dir: Path
+) -> None:
     root, out = tmp_path / "run", tmp_path / "w.pt"
     first = run_train(mnist_dir, root, out, ["--kill", "train:3"])
     assert first.returncode == 0

@@ -32,7 +32,9 @@ def _step_rows(metrics: Path) -> dict[int, float]:
     ],
     ids=["sigterm_twice", "sigkill", "fixed_version"],
 )
-def test_csv_log_is_one_continuous_run(kills: list[str], version: str | None, tmp_path: Path, mnist_dir: Path, reference) -> None:
+def test_csv_log_is_one_continuous_run(
+    kills: list[str], version: str | None, tmp_path: Path, mnist_dir: Path, reference
+) -> None:
     expected_weights = reference.get(AUG)
     ref_metrics = expected_weights.parent / "logs" / "version_0" / "metrics.csv"
     root, out = tmp_path / "run", tmp_path / "w.pt"
@@ -53,7 +55,12 @@ def test_tensorboard_continues_the_same_version(tmp_path: Path, mnist_dir: Path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     root, out = tmp_path / "run", tmp_path / "w.pt"
-    run_until_done(mnist_dir, root, out, AUG + ["--logger", "tb", "--every-n-steps", "4", "--kill", "train:5", "--kill", "train:14:SIGKILL"])
+    run_until_done(
+        mnist_dir,
+        root,
+        out,
+        AUG + ["--logger", "tb", "--every-n-steps", "4", "--kill", "train:5", "--kill", "train:14:SIGKILL"],
+    )
     versions = sorted(p.name for p in (root / "tb").iterdir())
     assert versions == ["version_0"], versions
     acc = EventAccumulator(str(root / "tb" / "version_0"))

@@ -13,7 +13,11 @@ from tests.helpers import assert_bit_identical, child_env, run_until_done
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+CREDS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +57,20 @@ def test_store_contract_on_s3(s3_endpoint: str) -> None:
     assert store.read_marker() == {"step": 1}
 
 
-def test_sigterm_checkpoint_to_s3_and_exact_resume(s3_endpoint: str, tmp_path: Path, mnist_dir: Path, reference) -> None:
+def test_sigterm_checkpoint_to_s3_and_exact_resume(
+    s3_endpoint: str, tmp_path: Path, mnist_dir: Path, reference
+) -> None:
     options = ["--aug", "--dropout", "0.2"]
     expected = reference.get(options)
     env = child_env(**CREDS, AWS_ENDPOINT_URL=s3_endpoint)
     out = tmp_path / "w.pt"
-    runs = run_until_done(mnist_dir, tmp_path / "run", out, options + ["--ckpt-dir", "s3://lg-bucket/run1", "--kill", "train:5"], env=env)
+    runs = run_until_done(
+        mnist_dir,
+        tmp_path / "run",
+        out,
+        options + ["--ckpt-dir", "s3://lg-bucket/run1", "--kill", "train:5"],
+        env=env,
+    )
     assert len(runs) == 2 and "s3://lg-bucket/run1/ckpt-" in runs[0].output
     assert_bit_identical(expected, out)
     assert not (tmp_path / "run" / "resumable").exists()

@@ -21,7 +21,18 @@ AUG = ["--aug", "--dropout", "0.2"]
 
 
 def _start(mnist_dir: Path, root: Path, out: Path, args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, str(TRAIN), "--data-dir", str(mnist_dir), "--root", str(root), "--out", str(out), "--announce", *args]
+    cmd = [
+        sys.executable,
+        str(TRAIN),
+        "--data-dir",
+        str(mnist_dir),
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--announce",
+        *args,
+    ]
     return subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -32,10 +43,12 @@ def _wait_for_step(proc: subprocess.Popen, step: int) -> list[str]:
         lines.append(line)
         if line.startswith("STEP ") and int(line.split()[1]) >= step:
             return lines
-    raise AssertionError("process ended before step %d:\n%s" % (step, "".join(lines[-40:])))
+    raise AssertionError(f"process ended before step {step}:\n" + "".join(lines[-40:]))
 
 
-def test_external_sigterm_exits_zero_with_marker_then_resumes_exactly(tmp_path: Path, mnist_dir: Path, reference) -> None:
+def test_external_sigterm_exits_zero_with_marker_then_resumes_exactly(
+    tmp_path: Path, mnist_dir: Path, reference
+) -> None:
     options = AUG + ["--step-sleep", "0.02"]
     expected = reference.get(options)
     root, out = tmp_path / "run", tmp_path / "w.pt"
@@ -82,11 +95,22 @@ def test_sigusr1_when_configured(tmp_path: Path, mnist_dir: Path, reference) -> 
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_resumes_from_newest_periodic_checkpoint(workers: int, tmp_path: Path, mnist_dir: Path, reference) -> None:
+def test_sigkill_resumes_from_newest_periodic_checkpoint(
+    workers: int, tmp_path: Path, mnist_dir: Path, reference
+) -> None:
     options = AUG + ["--workers", str(workers)]
     expected = reference.get(options)
     root, out = tmp_path / "run", tmp_path / "w.pt"
-    args = options + ["--every-n-steps", "4", "--keep", "2", "--kill", "train:10:SIGKILL", "--kill", "train:23:SIGKILL"]
+    args = options + [
+        "--every-n-steps",
+        "4",
+        "--keep",
+        "2",
+        "--kill",
+        "train:10:SIGKILL",
+        "--kill",
+        "train:23:SIGKILL",
+    ]
     runs = run_until_done(mnist_dir, root, out, args)
     assert [r.returncode for r in runs] == [-signal.SIGKILL, -signal.SIGKILL, 0]
     # The second attempt resumed from step 8: the newest committed before the kill at step 10.
@@ -123,10 +147,14 @@ def test_sigkill_in_the_middle_of_a_write_keeps_previous_checkpoint(tmp_path: Pa
         CheckpointStore({url!r}).save({{"big": torch.ones(300_000_000, dtype=torch.uint8)}}, step=2)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", writer], env=child_env(), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer], env=child_env(), stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
     deadline = time.monotonic() + 60
-    while not any(p.name.endswith(".tmp") and p.stat().st_size > 1_000_000 for p in (tmp_path / "store").iterdir()):
+    while not any(
+        p.name.endswith(".tmp") and p.stat().st_size > 1_000_000 for p in (tmp_path / "store").iterdir()
+    ):
         assert time.monotonic() < deadline and proc.poll() is None, "the writer never got going"
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
@@ -134,4 +162,6 @@ def test_sigkill_in_the_middle_of_a_write_keeps_previous_checkpoint(tmp_path: Pa
     found = CheckpointStore(url).latest_valid()
     assert found is not None and found[0] == first
     CheckpointStore(url).remove_uncommitted()
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted([first.name, first.name + ".commit.json"])
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(
+        [first.name, first.name + ".commit.json"]
+    )

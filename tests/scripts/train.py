@@ -39,7 +39,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--persistent", action="store_true")
     p.add_argument("--loader", choices=["plain", "generator", "stateful"], default="plain")
     p.add_argument("--datamodule", action="store_true")
-    p.add_argument("--aug", action="store_true", help="random augmentation in __getitem__ (torch, random, numpy)")
+    p.add_argument(
+        "--aug", action="store_true", help="random augmentation in __getitem__ (torch, random, numpy)"
+    )
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--sched", choices=["none", "step", "epoch"], default="none")
     p.add_argument("--accum", type=int, default=1)
@@ -51,7 +53,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--keep", type=int, default=3)
     p.add_argument("--signals", default="SIGTERM")
     p.add_argument("--kill", action="append", default=[], help="WHEN:ARG[:SIG], see KillAt")
-    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds per training step (for timing tests)")
+    p.add_argument(
+        "--step-sleep", type=float, default=0.0, help="seconds per training step (for timing tests)"
+    )
     p.add_argument("--strategy", default="auto")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234)
@@ -87,7 +91,11 @@ def mnist(args: argparse.Namespace, train: bool) -> Dataset:
 
 
 def make_loader(args: argparse.Namespace, dataset: Dataset, shuffle: bool) -> DataLoader:
-    kwargs = dict(batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.persistent and args.workers > 0)
+    kwargs = dict(
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        persistent_workers=args.persistent and args.workers > 0,
+    )
     if args.loader == "stateful" and shuffle:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -105,7 +113,9 @@ class DataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         full = mnist(self.args, train=True)
         n_val = len(full) // 5
-        self.train_set, self.val_set = random_split(full, [len(full) - n_val, n_val], generator=torch.Generator().manual_seed(0))
+        self.train_set, self.val_set = random_split(
+            full, [len(full) - n_val, n_val], generator=torch.Generator().manual_seed(0)
+        )
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(self.args, Augmented(self.train_set, self.args.aug), shuffle=True)
@@ -118,10 +128,18 @@ class Net(pl.LightningModule):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__()
         self.args = args
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, args.wide), nn.ReLU(), nn.Dropout(args.dropout), nn.Linear(args.wide, 10))
+        self.body = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, args.wide),
+            nn.ReLU(),
+            nn.Dropout(args.dropout),
+            nn.Linear(args.wide, 10),
+        )
         if args.manual:
             self.automatic_optimization = False
-            self.critic = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Dropout(args.dropout), nn.Linear(8, 1))
+            self.critic = nn.Sequential(
+                nn.Linear(10, 8), nn.ReLU(), nn.Dropout(args.dropout), nn.Linear(8, 1)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -160,11 +178,16 @@ class Net(pl.LightningModule):
         if self.args.manual:
             opt_d = torch.optim.Adam(self.critic.parameters(), lr=1e-3)
             if self.args.sched == "step":
-                return [opt, opt_d], [torch.optim.lr_scheduler.StepLR(opt, 3, 0.9), torch.optim.lr_scheduler.StepLR(opt_d, 3, 0.9)]
+                return [opt, opt_d], [
+                    torch.optim.lr_scheduler.StepLR(opt, 3, 0.9),
+                    torch.optim.lr_scheduler.StepLR(opt_d, 3, 0.9),
+                ]
             return [opt, opt_d]
         if self.args.sched == "none":
             return opt
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3 if self.args.sched == "step" else 1, gamma=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(
+            opt, step_size=3 if self.args.sched == "step" else 1, gamma=0.9
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.args.sched}}
 
 
@@ -283,7 +306,9 @@ def main() -> int:
     else:
         train_set = Augmented(mnist(args, train=True), args.aug)
         val_set = mnist(args, train=False)
-        trainer.fit(model, make_loader(args, train_set, shuffle=True), make_loader(args, val_set, shuffle=False))
+        trainer.fit(
+            model, make_loader(args, train_set, shuffle=True), make_loader(args, val_set, shuffle=False)
+        )
     if trainer.is_global_zero:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.out)
         with open(args.out + ".json", "w") as handle:

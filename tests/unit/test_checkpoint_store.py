@@ -136,8 +136,12 @@ def test_unreachable_remote_store_keeps_local_copy_and_says_where(tmp_path: Path
     port = _free_port()  # nothing listens here
     store = CheckpointStore(
         "s3://bucket/run",
-        storage_options={"key": "x", "secret": "y", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-                         "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}},
+        storage_options={
+            "key": "x",
+            "secret": "y",
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+        },
         retries=1,
         backoff_s=0.01,
         spool_dir=str(tmp_path / "spool"),

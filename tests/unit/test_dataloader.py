@@ -36,7 +36,9 @@ def _loader(workers: int, persistent: bool, generator: bool = False) -> Resumabl
     return ResumableLoader(DataLoader(Noisy(), **kwargs))
 
 
-def _epoch(loader: ResumableLoader, out: list, stop_after: int | None = None, resume_rng: dict | None = None) -> dict | None:
+def _epoch(
+    loader: ResumableLoader, out: list, stop_after: int | None = None, resume_rng: dict | None = None
+) -> dict | None:
     it = iter(loader)
     buffer: deque = deque()
 

@@ -1,0 +1,66 @@
+"""The callback in-process: set-up order, argument checks, the entry point's instance."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_grid import Resumable, Trainer
+from lightning_grid.contract import ENV_CHECKPOINTS, ENV_RESUMABLE
+from lightning_grid.resumable.factory import callbacks_factory
+from tests.unit.test_lightning_internals import Tiny, _loader, _trainer
+
+
+class SetupSeen(pl.Callback):
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+
+    def setup(self, trainer, pl_module, stage):
+        self.stages.append(stage)
+
+
+def test_every_callback_is_set_up_and_resumable_runs_last(tmp_path) -> None:
+    before, after = SetupSeen(), SetupSeen()
+    resumable = Resumable(dirpath=tmp_path / "ckpts")
+    trainer = _trainer(tmp_path, [before, resumable, after])
+    trainer.fit(Tiny(), _loader())
+    assert before.stages == after.stages == ["fit"]
+    assert trainer.callbacks[-1] is resumable
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"every_n_train_steps": 0}, "every_n_train_steps"),
+        ({"every_n_seconds": -1}, "every_n_seconds"),
+        ({"keep": 0}, "keep"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        Resumable(**kwargs)
+
+
+def test_entry_point_is_silent_without_the_launcher(monkeypatch) -> None:
+    monkeypatch.delenv(ENV_RESUMABLE, raising=False)
+    assert callbacks_factory() == []
+
+
+def test_entry_point_instance_stands_down_for_the_users_own(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(ENV_RESUMABLE, "1")
+    monkeypatch.setenv(ENV_CHECKPOINTS, str(tmp_path / "launcher-ckpts"))
+    mine = Resumable(dirpath=tmp_path / "mine")
+    trainer = _trainer(tmp_path, [mine])
+    ours = [cb for cb in trainer.callbacks if isinstance(cb, Resumable)]
+    assert len(ours) == 2  # Lightning loaded the entry point
+    trainer.fit(Tiny(), _loader())
+    active = [cb for cb in trainer.callbacks if isinstance(cb, Resumable) and cb._active]
+    assert active == [mine]
+
+
+def test_drop_in_trainer_adds_one_resumable(tmp_path) -> None:
+    trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False)
+    assert sum(isinstance(cb, Resumable) for cb in trainer.callbacks) == 1
+    own = Resumable(keep=5)
+    trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, callbacks=[own])
+    assert trainer.resumable is own
