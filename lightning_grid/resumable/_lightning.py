@@ -29,6 +29,7 @@ from lightning_grid._io import atomic_writer
 
 __all__ = [
     "wrap_train_loaders",
+    "wrap_val_loaders",
     "inject_checkpoint",
     "dump_checkpoint",
     "validation_due_after_batch",
@@ -68,13 +69,22 @@ class _WrappingSource(_DataLoaderSource):
         return combined
 
 
-def wrap_train_loaders(trainer: pl.Trainer, transform: Callable[[Any], Any]) -> None:
-    """Route every train loader Lightning builds for this fit through ``transform``."""
-    source = trainer.fit_loop._data_source
+def _wrap_source(loop: Any, transform: Callable[[Any], Any]) -> None:
+    source = loop._data_source
     if isinstance(source, _WrappingSource):
         source.transform = transform
         return
-    trainer.fit_loop._data_source = _WrappingSource(source.instance, source.name, transform)
+    loop._data_source = _WrappingSource(source.instance, source.name, transform)
+
+
+def wrap_train_loaders(trainer: pl.Trainer, transform: Callable[[Any], Any]) -> None:
+    """Route every train loader Lightning builds for this fit through ``transform``."""
+    _wrap_source(trainer.fit_loop, transform)
+
+
+def wrap_val_loaders(trainer: pl.Trainer, transform: Callable[[Any], Any]) -> None:
+    """Route every validation loader Lightning builds during fit through ``transform``."""
+    _wrap_source(trainer.fit_loop.epoch_loop.val_loop, transform)
 
 
 # -- (b) resume from a checkpoint the callback found -----------------------------------------------

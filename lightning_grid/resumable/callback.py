@@ -36,7 +36,7 @@ from lightning_grid.checkpoints import CheckpointStore, CommitRecord
 from lightning_grid.contract import Contract
 from lightning_grid.errors import CheckpointMismatchError, LightningGridError
 from lightning_grid.resumable import _lightning, rng
-from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable
+from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable, shield_workers
 from lightning_grid.resumable.signals import SignalFlag
 
 __all__ = ["Resumable", "Preempted"]
@@ -100,6 +100,7 @@ class Resumable(Callback):
         self.resume = resume
         self.storage_options = storage_options
         self._flag = SignalFlag(signals)
+        self._signal_numbers = tuple(int(s) for s in self._flag.signals)
         self._from_factory = False
         self._active = True
         self.store: CheckpointStore | None = None
@@ -145,6 +146,7 @@ class Resumable(Callback):
         # list, because Lightning is iterating over the current one to call setup().
         trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]  # type: ignore[attr-defined]
         _lightning.wrap_train_loaders(trainer, self._make_loader)
+        _lightning.wrap_val_loaders(trainer, lambda dl: shield_workers(dl, self._signal_numbers))
         if self.resume:
             self._resume_from_store(trainer, pl_module)
         self._last_save_step = trainer.global_step
@@ -252,8 +254,8 @@ class Resumable(Callback):
                     " or use a map-style dataset",
                     stacklevel=2,
                 )
-            return loader
-        wrapped = ResumableLoader(loader)
+            return shield_workers(loader, self._signal_numbers)
+        wrapped = ResumableLoader(loader, self._signal_numbers)
         index = len(self._loaders)
         self._loaders.append(wrapped)
         if self._loader_states is not None and index < len(self._loader_states):

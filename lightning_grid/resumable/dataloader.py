@@ -19,6 +19,7 @@ The user's loader is never iterated: we iterate an internal loader built from it
 from __future__ import annotations
 
 import inspect
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 
 from lightning_grid.resumable import rng
 
-__all__ = ["ResumableLoader", "can_make_resumable"]
+__all__ = ["ResumableLoader", "can_make_resumable", "shield_workers"]
 
 # Stamps kept beyond the ones strictly needed: Lightning's fetcher holds at most a couple of batches.
 _STAMP_SLACK = 16
@@ -197,14 +198,14 @@ class ResumableLoader:
     generator, so an uninterrupted run draws exactly the random numbers the user's loader would.
     """
 
-    def __init__(self, loader: DataLoader) -> None:
+    def __init__(self, loader: DataLoader, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
         if not can_make_resumable(loader):
             raise TypeError(f"cannot make {type(loader).__name__} resumable")
         self.loader = loader
         self.num_workers: int = loader.num_workers
         self._persistent = bool(loader.persistent_workers and loader.num_workers > 0)
         self._batch_sampler = _ResumableBatchSampler(loader.batch_sampler, self)  # type: ignore[arg-type]
-        self._internal = _build_internal_loader(loader, self._batch_sampler)
+        self._internal = shield_workers(_build_internal_loader(loader, self._batch_sampler), signals)
         self._workers_alive = False
         self._active_plan: _Plan | None = None
         self._pending_plan: _Plan | None = None
@@ -377,6 +378,34 @@ class ResumableLoader:
             slot_rng=dict(state.get("slot_rng", {})),
         )
         self.main_rng_applied = False
+
+
+class _ShieldedWorkerInit:
+    """Workers ignore the stop signals.
+
+    A machine that is shutting down signals every process, DataLoader workers included; a worker
+    that dies makes the main process raise in the middle of the step it is finishing. The main
+    process stops its workers itself once the checkpoint is written.
+    """
+
+    def __init__(self, inner: Any, signals: tuple[int, ...]) -> None:
+        self.inner = inner
+        self.signals = signals
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def shield_workers(loader: Any, signals: tuple[int, ...] = (signal.SIGTERM,)) -> Any:
+    """Make the workers ``loader`` starts from now on ignore ``signals``; returns ``loader``."""
+    if isinstance(loader, DataLoader) and loader.num_workers > 0:
+        current = loader.worker_init_fn
+        if not isinstance(current, _ShieldedWorkerInit):
+            loader.worker_init_fn = _ShieldedWorkerInit(current, signals)
+    return loader
 
 
 def can_make_resumable(loader: Any) -> bool:
