@@ -27,7 +27,19 @@ __all__ = ["SyncStats", "upload", "restore", "EXCLUDED"]
 
 MANIFEST = "manifest.json"
 #: Never copied into or out of an execution directory: caches and environments, not results.
-EXCLUDED = frozenset({".git", ".venv", "venv", "__pycache__", "node_modules", ".lightning_grid", ".mypy_cache", ".ruff_cache", ".pytest_cache"})
+EXCLUDED = frozenset(
+    {
+        ".git",
+        ".venv",
+        "venv",
+        "__pycache__",
+        "node_modules",
+        ".lightning_grid",
+        ".mypy_cache",
+        ".ruff_cache",
+        ".pytest_cache",
+    }
+)
 
 
 @dataclass

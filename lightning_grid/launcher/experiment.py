@@ -36,7 +36,9 @@ _LIVE = (Status.QUEUED, Status.RUNNING, Status.INTERRUPTING, Status.PENDING, Sta
 
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.QUEUED: frozenset({Status.RUNNING, Status.FAILED, Status.STOPPED}),
-    Status.RUNNING: frozenset({Status.SUCCEEDED, Status.FAILED, Status.INTERRUPTING, Status.RESTORING, Status.STOPPED}),
+    Status.RUNNING: frozenset(
+        {Status.SUCCEEDED, Status.FAILED, Status.INTERRUPTING, Status.RESTORING, Status.STOPPED}
+    ),
     Status.INTERRUPTING: frozenset({Status.PENDING, Status.FAILED, Status.STOPPED}),
     Status.PENDING: frozenset({Status.RESTORING, Status.FAILED, Status.STOPPED}),
     Status.RESTORING: frozenset({Status.RUNNING, Status.FAILED, Status.STOPPED}),
@@ -62,7 +64,9 @@ class Outcome(str, Enum):
     STOPPED = "stopped"  # stopped by the user
 
 
-def classify(exit_code: int | None, noticed: bool, killed_after_grace: bool, resumable: bool, stopped: bool) -> Outcome:
+def classify(
+    exit_code: int | None, noticed: bool, killed_after_grace: bool, resumable: bool, stopped: bool
+) -> Outcome:
     """Exit code + notice → outcome. Pure, so it can be table-tested."""
     if stopped:
         return Outcome.STOPPED
@@ -71,7 +75,9 @@ def classify(exit_code: int | None, noticed: bool, killed_after_grace: bool, res
             return Outcome.INTERRUPTED_NOT_RESUMABLE
         if killed_after_grace:
             return Outcome.KILLED
-        return Outcome.PREEMPTED if exit_code == 0 else Outcome.FAILED
+        # Exit 0 is the orderly path; death by the SIGTERM we sent (the script had no handler at
+        # that moment) is a preemption too, just without a new checkpoint.
+        return Outcome.PREEMPTED if exit_code in (0, -15, 143) else Outcome.FAILED
     return Outcome.SUCCEEDED if exit_code == 0 else Outcome.FAILED
 
 

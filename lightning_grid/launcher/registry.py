@@ -188,7 +188,9 @@ class Registry:
             current = Status(r["status"])
             if not can_transition(current, target):
                 db.execute("ROLLBACK")
-                raise LightningGridError(f"experiment {name!r} cannot go from {current.value} to {target.value}")
+                raise LightningGridError(
+                    f"experiment {name!r} cannot go from {current.value} to {target.value}"
+                )
             now = time.time()
             sets = ", ".join(f"{k}=?" for k in counters)
             db.execute(
@@ -234,7 +236,9 @@ class Registry:
     def update_attempt(self, name: str, number: int, **fields: Any) -> None:
         sets = ", ".join(f"{k}=?" for k in fields)
         with self._connect() as db:
-            db.execute(f"UPDATE attempts SET {sets} WHERE name=? AND number=?", (*fields.values(), name, number))
+            db.execute(
+                f"UPDATE attempts SET {sets} WHERE name=? AND number=?", (*fields.values(), name, number)
+            )
 
     def attempts(self, name: str) -> list[AttemptRow]:
         with self._connect() as db:

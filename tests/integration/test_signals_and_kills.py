@@ -167,13 +167,33 @@ def test_sigkill_in_the_middle_of_a_write_keeps_previous_checkpoint(tmp_path: Pa
     )
 
 
-def test_sigterm_to_the_whole_process_group_spares_dataloader_workers(tmp_path: Path, mnist_dir: Path, reference) -> None:
+def test_sigterm_to_the_whole_process_group_spares_dataloader_workers(
+    tmp_path: Path, mnist_dir: Path, reference
+) -> None:
     """A machine shutting down signals every process; workers must not die under the main process."""
     options = AUG + ["--workers", "2", "--persistent", "--step-sleep", "0.02"]
     expected = reference.get(options)
     root, out = tmp_path / "run", tmp_path / "w.pt"
-    cmd = [sys.executable, str(TRAIN), "--data-dir", str(mnist_dir), "--root", str(root), "--out", str(out), "--announce", *options]
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        str(TRAIN),
+        "--data-dir",
+        str(mnist_dir),
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--announce",
+        *options,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     _wait_for_step(proc, 4)
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)

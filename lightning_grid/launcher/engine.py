@@ -1,0 +1,343 @@
+"""The engine behind ``lightning-grid run`` and ``Experiment(...).run()``: submit, supervise, relaunch.
+
+One supervision loop with the restart budgets; each attempt is restore → run → classify → sync.
+A file lock per experiment makes sure two launchers never run the same experiment at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import fsspec
+import psutil
+
+from lightning_grid.checkpoints import CheckpointStore
+from lightning_grid.contract import Contract, default_home
+from lightning_grid.errors import LightningGridError, UsageError
+from lightning_grid.launcher import artifacts, instances
+from lightning_grid.launcher.experiment import Outcome, Status, classify, decide
+from lightning_grid.launcher.registry import ExperimentRow, Registry
+from lightning_grid.launcher.supervisor import LauncherSignals, Notice, SimulatedPreemption, run_attempt
+
+__all__ = ["Spec", "Engine", "parse_simulation"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ADJECTIVES = ["brisk", "calm", "eager", "lucid", "nimble", "quiet", "rapid", "sturdy", "vivid", "witty"]
+_NOUNS = ["falcon", "otter", "lynx", "heron", "badger", "comet", "maple", "quartz", "tern", "walrus"]
+
+
+@dataclass
+class Spec:
+    """What the user asked for (the CLI and the SDK both build one)."""
+
+    script: str
+    args: list[str] = field(default_factory=list)
+    name: str | None = None
+    resumable: bool = False
+    use_spot: bool = False
+    instance_type: str = "local"
+    max_restarts: int = 20
+    retries: int = 0
+    artifacts: str | None = None
+    simulate_preemptions: list[float] = field(default_factory=list)
+    grace_period: float = 120.0
+
+
+def parse_simulation(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(
+            f"--simulate-preemptions must be seconds separated by commas, got {text!r}"
+        ) from None
+    if not values or any(v < 0 for v in values):
+        raise UsageError(f"--simulate-preemptions must be non-negative seconds, got {text!r}")
+    return values
+
+
+class Engine:
+    def __init__(self, home: str | None = None, echo: bool = True, out: IO[str] | None = None) -> None:
+        self.home = home or default_home()
+        self.registry = Registry(self.home)
+        self.echo = echo
+        self.out = out or sys.stderr
+
+    def say(self, message: str) -> None:
+        print(f"lightning-grid: {message}", file=self.out, flush=True)
+
+    # -- submit ------------------------------------------------------------------------------------
+    def submit(self, spec: Spec) -> ExperimentRow:
+        script = os.path.abspath(spec.script)
+        if not os.path.exists(script):
+            raise UsageError(f"script not found: {spec.script}")
+        if os.path.isdir(script):
+            raise UsageError(f"{spec.script} is a directory; give the script to run")
+        instance = instances.lookup(spec.instance_type)
+        if spec.max_restarts < 0:
+            raise UsageError(f"--max_restarts must be >= 0, got {spec.max_restarts}")
+        if spec.retries < 0:
+            raise UsageError(f"--retries must be >= 0, got {spec.retries}")
+        if spec.grace_period <= 0:
+            raise UsageError(f"--grace-period must be > 0 seconds, got {spec.grace_period}")
+        name = spec.name or self._generate_name()
+        if not _NAME.match(name):
+            raise UsageError(f"invalid experiment name {name!r}: letters, digits, '.', '_', '-' (max 64)")
+        artifacts_url = (spec.artifacts or os.path.join(self.home, "artifacts")).rstrip("/") + f"/{name}"
+        _check_url(artifacts_url)
+        if self.registry.exists(name):
+            raise UsageError(
+                f"an experiment named {name!r} already exists (see: lightning-grid status {name})"
+            )
+        now = time.time()
+        row = ExperimentRow(
+            name=name, status=Status.QUEUED, script=os.path.basename(script), args=list(spec.args),
+            source_dir=os.path.dirname(script), artifacts=artifacts_url, resumable=spec.resumable,
+            use_spot=spec.use_spot, instance_type=instance.name, max_restarts=spec.max_restarts,
+            retries=spec.retries, grace_period=spec.grace_period, simulate=list(spec.simulate_preemptions),
+            restarts=0, failures=0, reason="", stop_requested=False, created=now, updated=now,
+        )  # fmt: skip
+        with self._lock(name):
+            self.registry.create(row)
+            # The execution directory starts as a copy of the script's folder, kept in the store.
+            stats = artifacts.upload(row.source_dir, self._execdir_url(row))
+            self.registry.note(
+                name, f"execution directory captured from {row.source_dir}: {stats.describe()}"
+            )
+        if spec.simulate_preemptions and not spec.use_spot:
+            self.say(
+                "note: --simulate-preemptions without --use_spot: preemptions only happen on spot capacity"
+            )
+        return row
+
+    def _generate_name(self) -> str:
+        for _ in range(100):
+            name = f"{random.choice(_ADJECTIVES)}-{random.choice(_NOUNS)}-{random.randint(100, 999)}"
+            if not self.registry.exists(name):
+                return name
+        raise LightningGridError("could not generate a free experiment name; pass --name")
+
+    # -- paths -------------------------------------------------------------------------------------
+    @staticmethod
+    def _execdir_url(row: ExperimentRow) -> str:
+        return f"{row.artifacts}/execdir"
+
+    @staticmethod
+    def checkpoints_url(row: ExperimentRow) -> str:
+        return f"{row.artifacts}/checkpoints"
+
+    def _attempt_dir(self, name: str, number: int) -> str:
+        return os.path.join(self.home, "runs", name, f"attempt-{number}")
+
+    @contextlib.contextmanager
+    def _lock(self, name: str, wait: bool = False) -> Iterator[None]:
+        folder = os.path.join(self.home, "locks")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{name}.lock"), "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise UsageError(f"experiment {name!r} is being run by another launcher") from None
+            yield
+
+    # -- run ---------------------------------------------------------------------------------------
+    def run(self, name: str) -> ExperimentRow:
+        """Supervise ``name`` until it ends or this launcher is told to stop. Returns the final row."""
+        with self._lock(name):
+            row = self.registry.get(name)
+            if row.status.is_terminal():
+                raise UsageError(f"experiment {name!r} has already ended ({row.status.value})")
+            self._wait_for_orphans(name)
+            signals = LauncherSignals()
+            signals.install()
+            try:
+                return self._loop(row, signals)
+            finally:
+                signals.uninstall()
+
+    def _wait_for_orphans(self, name: str) -> None:
+        """A previous launcher was SIGKILLed: its script got SIGTERM (parent-death signal) and may still
+        be saving. Never run two attempts at once: wait for it, within its grace period."""
+        attempts = self.registry.attempts(name)
+        if not attempts or attempts[-1].ended is not None or attempts[-1].pid is None:
+            return
+        last = attempts[-1]
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(last.pid)
+            if proc.create_time() <= last.started + 1:
+                self.say(f"waiting for attempt {last.number} (pid {last.pid}) of a previous launcher to exit")
+                try:
+                    proc.wait(timeout=self.registry.get(name).grace_period)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+        self.registry.update_attempt(
+            name, last.number, ended=time.time(), outcome=Outcome.KILLED.value, reason="launcher lost"
+        )
+
+    def _loop(self, row: ExperimentRow, signals: LauncherSignals) -> ExperimentRow:
+        name = row.name
+        instance = instances.lookup(row.instance_type)
+        available = _gpu_count()
+        devices = instances.visible_devices(instance, available)
+        if instance.gpus and not available:
+            self.say(
+                f"{instance.name} has {instance.gpus} {instance.gpu} GPU(s); this machine has none, running on CPU"
+            )
+        while True:
+            row = self.registry.get(name)
+            if row.stop_requested:
+                self._finish_stop(row)
+                return self.registry.get(name)
+            number = len(self.registry.attempts(name)) + 1
+            if row.status is Status.PENDING:
+                self.registry.transition(name, Status.RESTORING, f"restoring for attempt {number}")
+            exec_dir = self._attempt_dir(name, number)
+            shutil.rmtree(exec_dir, ignore_errors=True)
+            stats = artifacts.restore(self._execdir_url(row), exec_dir)
+            self.registry.note(name, f"attempt {number}: execution directory restored ({stats.describe()})")
+            status_now = self.registry.get(name).status
+            if status_now is not Status.RUNNING:
+                self.registry.transition(name, Status.RUNNING, f"attempt {number} started")
+            result, outcome = self._attempt(row, number, exec_dir, devices, signals)
+            sync = artifacts.upload(exec_dir, self._execdir_url(row))
+            self.registry.note(name, f"attempt {number}: execution directory saved ({sync.describe()})")
+            row = self.registry.get(name)
+            decision = decide(outcome, row.restarts, row.max_restarts, row.failures, row.retries)
+            if outcome in (Outcome.PREEMPTED, Outcome.KILLED) and decision.status is Status.PENDING:
+                self.registry.transition(name, Status.PENDING, decision.reason, restarts=row.restarts + 1)
+            elif outcome is Outcome.FAILED and decision.relaunch:
+                self.registry.transition(name, Status.RESTORING, decision.reason, failures=row.failures + 1)
+            else:
+                self.registry.transition(name, decision.status, decision.reason)
+            if not decision.relaunch:
+                return self.registry.get(name)
+            if signals.received is not None:
+                self.say(f"{name} is pending; continue it with: lightning-grid run --resume {name}")
+                return self.registry.get(name)
+            self.say(f"{name}: {decision.reason}; relaunching")
+
+    def _attempt(
+        self, row: ExperimentRow, number: int, exec_dir: str, devices: str | None, signals: LauncherSignals
+    ) -> tuple[Any, Outcome]:
+        name = row.name
+        ckpt_url = self.checkpoints_url(row)
+        contract = Contract(resumable=row.resumable, checkpoints=ckpt_url, experiment=name, attempt=number)
+        env = dict(os.environ)
+        env.update(contract.to_env())
+        if not row.resumable:
+            env.pop("LIGHTNING_GRID_RESUMABLE", None)
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        env["PYTHONUNBUFFERED"] = "1"
+        log_path = os.path.join(self.home, "runs", name, f"attempt-{number}.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        simulated = row.simulate[number - 1] if row.use_spot and number - 1 < len(row.simulate) else None
+        sources = [SimulatedPreemption(simulated), signals]
+        noticed_at: list[float] = []
+
+        def on_start(pid: int) -> None:
+            self.registry.start_attempt(name, number, pid, log_path)
+
+        def on_notice(notice: Notice) -> None:
+            noticed_at.append(time.time())
+            self.registry.note(name, f"attempt {number}: notice from {notice.source}: {notice.reason}")
+            target = Status.STOPPED if notice.source == "user" else Status.INTERRUPTING
+            if target is Status.INTERRUPTING:
+                self.registry.transition(name, Status.INTERRUPTING, f"{notice.reason}; SIGTERM sent")
+            self.say(f"{name}: {notice.reason}; sending SIGTERM, grace period {row.grace_period:g}s")
+
+        store = CheckpointStore(ckpt_url)
+        store.clear_marker()
+        result = run_attempt(
+            [sys.executable, row.script, *row.args],
+            cwd=exec_dir,
+            env=env,
+            log_path=log_path,
+            notices=sources,
+            grace_period=row.grace_period,
+            stop_requested=lambda: self.registry.stop_requested(name),
+            on_start=on_start,
+            on_notice=on_notice,
+            echo=self.echo,
+        )
+        marker = store.read_marker()
+        noticed = result.notice is not None and result.notice.source != "user"
+        outcome = classify(
+            result.exit_code, noticed, result.killed_after_grace, row.resumable, result.stopped
+        )
+        reason = outcome.value
+        if outcome is Outcome.PREEMPTED:
+            reason = (
+                f"preempted; checkpoint at step {marker['step']}"
+                if marker
+                else "preempted; exited 0 (no checkpoint marker)"
+            )
+        elif outcome is Outcome.KILLED:
+            reason = f"no exit within the {row.grace_period:g}s grace period: SIGKILL"
+        elif outcome is Outcome.FAILED:
+            reason = f"exited {result.exit_code}"
+        self.registry.update_attempt(
+            name,
+            number,
+            ended=time.time(),
+            exit_code=result.exit_code,
+            outcome=outcome.value,
+            reason=reason,
+            notice_at=result.notice_at,
+            checkpoint_step=marker["step"] if marker else None,
+        )
+        if result.exit_after_sigterm_s is not None:
+            self.registry.note(
+                name, f"attempt {number}: exited {result.exit_after_sigterm_s:.2f}s after SIGTERM"
+            )
+        return result, outcome
+
+    def _finish_stop(self, row: ExperimentRow) -> None:
+        if not row.status.is_terminal():
+            self.registry.transition(row.name, Status.STOPPED, "stopped by the user")
+
+    # -- stop --------------------------------------------------------------------------------------
+    def stop(self, name: str) -> ExperimentRow:
+        row = self.registry.get(name)
+        if row.status.is_terminal():
+            return row
+        self.registry.request_stop(name)
+        try:
+            with self._lock(name):
+                # No launcher holds it: nobody else will act on the request.
+                self._finish_stop(self.registry.get(name))
+        except UsageError:
+            deadline = time.monotonic() + row.grace_period + 30
+            while time.monotonic() < deadline and not self.registry.get(name).status.is_terminal():
+                time.sleep(0.2)
+        return self.registry.get(name)
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken CUDA install is "no GPU" for scheduling purposes
+        return 0
+
+
+def _check_url(url: str) -> None:
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(
+            f"unknown or unavailable scheme {protocol!r} in --artifacts {url!r}: {exc}"
+        ) from None

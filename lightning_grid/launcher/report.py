@@ -1,0 +1,79 @@
+"""What ``status`` shows: the experiment, its attempts, its events, and the bill of its interruptions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_grid.launcher import instances
+from lightning_grid.launcher.registry import Registry
+
+__all__ = ["describe"]
+
+
+def _spans(events: list[Any], start_status: str, end_statuses: set[str]) -> float:
+    total, opened = 0.0, None
+    for event in events:
+        if event.to_status == start_status:
+            opened = event.time
+        elif opened is not None and event.to_status in end_statuses:
+            total += event.time - opened
+            opened = None
+    return total
+
+
+def describe(registry: Registry, name: str) -> dict[str, Any]:
+    row = registry.get(name)
+    attempts = registry.attempts(name)
+    events = registry.events(name)
+    running = sum((a.ended or a.started) - a.started for a in attempts if a.ended)
+    saving = sum((a.ended - a.notice_at) for a in attempts if a.ended and a.notice_at)
+    pending = _spans(events, "pending", {"restoring", "failed", "stopped"})
+    restoring = _spans(events, "restoring", {"running", "failed", "stopped"})
+    instance = instances.lookup(row.instance_type)
+    hours = running / 3600
+    price = instance.spot if row.use_spot else instance.on_demand
+    return {
+        "name": row.name,
+        "status": row.status.value,
+        "reason": row.reason,
+        "script": row.script,
+        "args": row.args,
+        "instance_type": row.instance_type,
+        "use_spot": row.use_spot,
+        "resumable": row.resumable,
+        "artifacts": row.artifacts,
+        "restarts": row.restarts,
+        "failures": row.failures,
+        "created": row.created,
+        "attempts": [
+            {
+                "number": a.number,
+                "pid": a.pid,
+                "started": a.started,
+                "ended": a.ended,
+                "seconds": (a.ended - a.started) if a.ended else None,
+                "exit_code": a.exit_code,
+                "outcome": a.outcome,
+                "reason": a.reason,
+                "notice_at": a.notice_at,
+                "checkpoint_step": a.checkpoint_step,
+            }
+            for a in attempts
+        ],
+        "events": [
+            {"time": e.time, "from": e.from_status, "to": e.to_status, "reason": e.reason} for e in events
+        ],
+        "bill": {
+            "attempts": len(attempts),
+            "seconds_running": round(running, 3),
+            "seconds_pending": round(pending, 3),
+            "seconds_saving_after_notice": round(saving, 3),
+            "seconds_restoring": round(restoring, 3),
+            # An orderly preemption checkpoints the step in flight: nothing is redone. After a SIGKILL
+            # the launcher cannot know how far the script got past its last periodic checkpoint.
+            "steps_redone": None if any(a.outcome == "killed" for a in attempts) else 0,
+            "cost_usd": round(hours * price, 4),
+            "cost_on_demand_usd": round(hours * instance.on_demand, 4),
+            "cost_spot_usd": round(hours * instance.spot, 4),
+        },
+    }

@@ -1,0 +1,188 @@
+"""One attempt: spawn the script, stream its output, watch for notices, interrupt it in order.
+
+The clock and the notice sources are injected, so the decision logic can be driven by a script
+of events; the process is real. Stopping is SIGTERM to the script's whole process group, a grace
+period, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Protocol
+
+__all__ = ["Notice", "NoticeSource", "SimulatedPreemption", "LauncherSignals", "AttemptResult", "run_attempt"]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A pending interruption: who said so, and by when the machine goes away (if known)."""
+
+    source: str
+    reason: str
+    deadline: float | None = None  # monotonic time
+
+
+class NoticeSource(Protocol):
+    def poll(self) -> Notice | None: ...
+
+
+class SimulatedPreemption:
+    """The local spot simulator: a notice ``after_s`` seconds into the attempt."""
+
+    def __init__(self, after_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.after_s = after_s
+        self.clock = clock
+        self.start = clock()
+
+    def poll(self) -> Notice | None:
+        if self.after_s is not None and self.clock() - self.start >= self.after_s:
+            return Notice("simulator", f"simulated spot interruption after {self.after_s:g}s")
+        return None
+
+
+class LauncherSignals:
+    """SIGTERM/SIGINT to the launcher itself (its machine is going down): interrupt in order too."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+    def poll(self) -> Notice | None:
+        if self.received is not None:
+            return Notice("launcher", f"the launcher received {self.received.name}")
+        return None
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    exit_code: int | None
+    notice: Notice | None
+    notice_at: float | None  # wall-clock time
+    sigterm_after_notice_s: float | None
+    exit_after_sigterm_s: float | None
+    killed_after_grace: bool
+    stopped: bool
+    seconds: float
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the launcher dies, so a SIGKILLed launcher leaves no orphan run."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _pump(stream: IO[bytes], log: IO[bytes], echo: IO[bytes] | None) -> None:
+    for line in iter(stream.readline, b""):
+        log.write(line)
+        log.flush()
+        if echo is not None:
+            echo.write(line)
+            echo.flush()
+
+
+def run_attempt(
+    command: Sequence[str],
+    cwd: str,
+    env: dict[str, str],
+    log_path: str,
+    notices: Sequence[NoticeSource],
+    grace_period: float,
+    stop_requested: Callable[[], bool],
+    on_start: Callable[[int], None],
+    on_notice: Callable[[Notice], None],
+    echo: bool = True,
+    poll_s: float = 0.1,
+    clock: Callable[[], float] = time.monotonic,
+) -> AttemptResult:
+    started = clock()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: one signal reaches the script and its children
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        assert proc.stdout is not None
+        pump = threading.Thread(
+            target=_pump, args=(proc.stdout, log, sys.stdout.buffer if echo else None), daemon=True
+        )
+        pump.start()
+        on_start(proc.pid)
+        notice: Notice | None = None
+        notice_mono = sigterm_mono = None
+        notice_wall = None
+        killed = stopped = False
+        deadline = None
+        while proc.poll() is None:
+            if notice is None:
+                stopped = stop_requested()
+                for source in notices:
+                    notice = notice or source.poll()
+                if stopped and notice is None:
+                    notice = Notice("user", "stopped by the user")
+                if notice is not None:
+                    notice_mono, notice_wall = clock(), time.time()
+                    on_notice(notice)
+                    _signal_group(proc, signal.SIGTERM)
+                    sigterm_mono = clock()
+                    window = grace_period
+                    if notice.deadline is not None:
+                        window = max(0.0, min(window, notice.deadline - clock()))
+                    deadline = sigterm_mono + window
+            elif deadline is not None and clock() >= deadline and not killed:
+                _signal_group(proc, signal.SIGKILL)
+                killed = True
+            time.sleep(poll_s)
+        exit_code = proc.wait()
+        ended = clock()
+        if killed or exit_code != 0:
+            # Whatever the script left running in its group goes too: nothing survives an attempt.
+            _signal_group(proc, signal.SIGKILL)
+        pump.join(timeout=5)
+    return AttemptResult(
+        exit_code=exit_code,
+        notice=notice,
+        notice_at=notice_wall,
+        sigterm_after_notice_s=(sigterm_mono - notice_mono) if sigterm_mono and notice_mono else None,
+        exit_after_sigterm_s=(ended - sigterm_mono) if sigterm_mono else None,
+        killed_after_grace=killed,
+        stopped=stopped,
+        seconds=ended - started,
+    )
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
