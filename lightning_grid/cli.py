@@ -158,7 +158,7 @@ def status(name: str, as_json: bool) -> None:
 def list_(as_json: bool) -> None:
     """All experiments, newest first."""
     registry = Engine().registry
-    rows = registry.list()
+    rows = registry.all()
     if as_json:
         click.echo(json.dumps([describe(registry, r.name) for r in rows], indent=2, default=str))
         return

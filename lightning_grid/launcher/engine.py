@@ -27,7 +27,7 @@ from lightning_grid.errors import LightningGridError, UsageError
 from lightning_grid.launcher import artifacts, instances
 from lightning_grid.launcher.experiment import Outcome, Status, classify, decide
 from lightning_grid.launcher.registry import ExperimentRow, Registry
-from lightning_grid.launcher.supervisor import LauncherSignals, Notice, SimulatedPreemption, run_attempt
+from lightning_grid.launcher.supervisor import LauncherSignals, Notice, NoticeSource, SimulatedPreemption, run_attempt
 
 __all__ = ["Spec", "Engine", "parse_simulation"]
 
@@ -243,7 +243,7 @@ class Engine:
         log_path = os.path.join(self.home, "runs", name, f"attempt-{number}.log")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         simulated = row.simulate[number - 1] if row.use_spot and number - 1 < len(row.simulate) else None
-        sources = [SimulatedPreemption(simulated), signals]
+        sources: list[NoticeSource] = [SimulatedPreemption(simulated), signals]
         noticed_at: list[float] = []
 
         def on_start(pid: int) -> None:

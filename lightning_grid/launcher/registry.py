@@ -172,7 +172,7 @@ class Registry:
             raise UsageError(f"no experiment named {name!r} (see: lightning-grid list)")
         return _experiment(r)
 
-    def list(self) -> list[ExperimentRow]:
+    def all(self) -> list[ExperimentRow]:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM experiments ORDER BY created DESC").fetchall()
         return [_experiment(r) for r in rows]
