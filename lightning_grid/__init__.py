@@ -9,9 +9,11 @@ import logging
 import sys
 
 from lightning_grid.errors import LightningGridError
+from lightning_grid.launcher.experiment import Status
 from lightning_grid.resumable import Preempted, Resumable, Trainer
+from lightning_grid.sdk import Experiment
 
-__all__ = ["Resumable", "Trainer", "Preempted", "LightningGridError", "__version__"]
+__all__ = ["Resumable", "Trainer", "Experiment", "Status", "Preempted", "LightningGridError", "__version__"]
 
 __version__ = "0.1.0"
 

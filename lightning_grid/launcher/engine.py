@@ -27,7 +27,13 @@ from lightning_grid.errors import LightningGridError, UsageError
 from lightning_grid.launcher import artifacts, instances
 from lightning_grid.launcher.experiment import Outcome, Status, classify, decide
 from lightning_grid.launcher.registry import ExperimentRow, Registry
-from lightning_grid.launcher.supervisor import LauncherSignals, Notice, NoticeSource, SimulatedPreemption, run_attempt
+from lightning_grid.launcher.supervisor import (
+    LauncherSignals,
+    Notice,
+    NoticeSource,
+    SimulatedPreemption,
+    run_attempt,
+)
 
 __all__ = ["Spec", "Engine", "parse_simulation"]
 
