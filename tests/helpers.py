@@ -26,6 +26,7 @@ def child_env(**extra: str) -> dict[str, str]:
         MKL_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         PYTHONWARNINGS="ignore",
+        CUBLAS_WORKSPACE_CONFIG=":4096:8",  # deterministic cuBLAS where a GPU is used
     )
     env.update(extra)
     return env

@@ -48,6 +48,9 @@ _STATE_KEY = "lightning_grid.Resumable"
 # callbacks with one key, and the script may have added its own Resumable as well.
 _FACTORY_STATE_KEY = "lightning_grid.Resumable[launcher]"
 _STATE_VERSION = 1
+# The k-th fit() of a process (a multi-stage script) keeps its checkpoints apart from the others,
+# so a later stage never resumes from an earlier stage's state.
+_fits_in_process = 0
 
 
 class Preempted(SystemExit):
@@ -132,11 +135,17 @@ class Resumable(Callback):
         if stage != "fit":
             return
         self._trainer_ref = trainer
+        self._reset_run_state()
         others = [cb for cb in trainer.callbacks if isinstance(cb, Resumable) and cb is not self]  # type: ignore[attr-defined]
         if self._from_factory and others:
             self._active = False  # the user added one explicitly: it is in charge
             return
-        self.store = CheckpointStore(self._resolve_url(trainer), storage_options=self.storage_options)
+        global _fits_in_process
+        _fits_in_process += 1
+        url = self._resolve_url(trainer)
+        if _fits_in_process > 1:
+            url = f"{url.rstrip('/')}/fit-{_fits_in_process}"
+        self.store = CheckpointStore(url, storage_options=self.storage_options)
         if trainer.is_global_zero:
             self.store.check_writable()
             self.store.remove_uncommitted()
@@ -151,6 +160,22 @@ class Resumable(Callback):
             self._resume_from_store(trainer, pl_module)
         self._last_save_step = trainer.global_step
         self._last_save_time = time.monotonic()
+
+    def _reset_run_state(self) -> None:
+        """A callback object may serve several fits: nothing of the previous one carries over."""
+        self._loaders = []
+        self._loader_states = None
+        self._resume_rng = None
+        self._writer = None
+        self._write_error = None
+        self._exit_after_commit = False
+        self._awaiting_flush = False
+        self._val_iterated = False
+        self._cancel_val_worker_seed = False
+        self._rng_before_val = None
+        self.resumed_from = None
+        self.last_commit = None
+        self._flag.received = None
 
     def _resolve_url(self, trainer: pl.Trainer) -> str:
         if self.dirpath:

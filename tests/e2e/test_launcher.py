@@ -61,6 +61,21 @@ def _launch(home: Path, *argv: str, timeout: float = 300) -> subprocess.Complete
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _background_run(home: Path, *argv: str, started: str | None = "starts at") -> subprocess.Popen[str]:
+    """``lightning-grid run`` in the background; returns once the script printed ``started``."""
+    env = child_env(LIGHTNING_GRID_HOME=str(home))
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "lightning_grid.cli", "run", *argv],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if started is not None:
+        assert runner.stdout is not None
+        for line in runner.stdout:
+            if started in line:
+                break
+    return runner
+
+
 def _status(home: Path, name: str) -> dict:
     proc = _launch(home, "status", name, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -253,15 +268,7 @@ def test_stop_a_running_experiment(tmp_path: Path, home: Path) -> None:
 
 def test_launcher_sigterm_leaves_pending_and_resume_continues(tmp_path: Path, home: Path) -> None:
     script = _script(tmp_path / "p", "counter.py", COUNTER)
-    env = child_env(LIGHTNING_GRID_HOME=str(home))
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "lightning_grid.cli", "run", "--resumable", "--name", "r", str(script), "40"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert runner.stdout is not None
-    for line in runner.stdout:
-        if "starts at" in line:
-            break
+    runner = _background_run(home, "--resumable", "--name", "r", str(script), "40")
     time.sleep(0.5)
     runner.send_signal(signal.SIGTERM)
     out, err = runner.communicate(timeout=60)
@@ -277,15 +284,7 @@ def test_launcher_sigterm_leaves_pending_and_resume_continues(tmp_path: Path, ho
 
 def test_sigkilled_launcher_leaves_no_orphan_and_resume_never_overlaps(tmp_path: Path, home: Path) -> None:
     script = _script(tmp_path / "p", "counter.py", COUNTER)
-    env = child_env(LIGHTNING_GRID_HOME=str(home))
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "lightning_grid.cli", "run", "--resumable", "--name", "k", str(script), "40"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert runner.stdout is not None
-    for line in runner.stdout:
-        if "starts at" in line:
-            break
+    runner = _background_run(home, "--resumable", "--name", "k", str(script), "40")
     child_pid = _status(home, "k")["attempts"][0]["pid"]
     runner.kill()
     runner.wait(timeout=30)

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import assert_bit_identical, run_until_done
 
-DDP = ["--strategy", "ddp", "--devices", "2", "--aug", "--dropout", "0.2", "--workers", "1"]
+DDP = ["--strategy", "ddp", "--devices", "2", "--aug", "--dropout", "0.2"]
 
 
 @pytest.mark.slow

@@ -20,20 +20,18 @@ from tests.helpers import TRAIN, assert_bit_identical, child_env, run_train, run
 AUG = ["--aug", "--dropout", "0.2"]
 
 
-def _start(mnist_dir: Path, root: Path, out: Path, args: list[str]) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        str(TRAIN),
-        "--data-dir",
-        str(mnist_dir),
-        "--root",
-        str(root),
-        "--out",
-        str(out),
-        "--announce",
-        *args,
-    ]
-    return subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(
+    mnist_dir: Path, root: Path, out: Path, args: list[str], new_session: bool = False
+) -> subprocess.Popen:
+    cmd = [sys.executable, str(TRAIN), "--data-dir", str(mnist_dir), "--root", str(root), "--out", str(out)]
+    return subprocess.Popen(
+        [*cmd, "--announce", *args],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,
+    )
 
 
 def _wait_for_step(proc: subprocess.Popen, step: int) -> list[str]:
@@ -174,26 +172,7 @@ def test_sigterm_to_the_whole_process_group_spares_dataloader_workers(
     options = AUG + ["--workers", "2", "--persistent", "--step-sleep", "0.02"]
     expected = reference.get(options)
     root, out = tmp_path / "run", tmp_path / "w.pt"
-    cmd = [
-        sys.executable,
-        str(TRAIN),
-        "--data-dir",
-        str(mnist_dir),
-        "--root",
-        str(root),
-        "--out",
-        str(out),
-        "--announce",
-        *options,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start(mnist_dir, root, out, options, new_session=True)
     _wait_for_step(proc, 4)
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)

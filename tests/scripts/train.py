@@ -57,6 +57,8 @@ def parse() -> argparse.Namespace:
         "--step-sleep", type=float, default=0.0, help="seconds per training step (for timing tests)"
     )
     p.add_argument("--strategy", default="auto")
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--precision", default="32-true")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--kill-rank", type=int, default=0, help="the rank that sends itself the --kill signals")
@@ -273,8 +275,9 @@ def main() -> int:
         default_root_dir=args.root,
         max_epochs=args.epochs,
         max_steps=args.max_steps,
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
+        precision=args.precision,
         strategy=args.strategy,
         logger=logger,
         enable_progress_bar=False,
