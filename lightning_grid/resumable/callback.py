@@ -107,20 +107,9 @@ class Resumable(Callback):
         self._from_factory = False
         self._active = True
         self.store: CheckpointStore | None = None
-        self.last_commit: CommitRecord | None = None
-        self.resumed_from: CommitRecord | None = None
-        self._loaders: list[ResumableLoader] = []
-        self._loader_states: list[dict[str, Any]] | None = None
-        self._resume_rng: dict[str, Any] | None = None
         self._state_for_dump: dict[str, Any] | None = None
-        self._writer: threading.Thread | None = None
-        self._write_error: BaseException | None = None
         self._logs_flushed = threading.Event()
-        self._exit_after_commit = False
-        self._awaiting_flush = False
-        self._val_iterated = False
-        self._cancel_val_worker_seed = False
-        self._rng_before_val: dict[str, Any] | None = None
+        self._reset_run_state()
         self._trainer_ref: pl.Trainer | None = None
         self._last_save_step = 0
         self._last_save_time = time.monotonic()
@@ -162,19 +151,19 @@ class Resumable(Callback):
         self._last_save_time = time.monotonic()
 
     def _reset_run_state(self) -> None:
-        """A callback object may serve several fits: nothing of the previous one carries over."""
-        self._loaders = []
-        self._loader_states = None
-        self._resume_rng = None
-        self._writer = None
-        self._write_error = None
+        """Per-fit state: a callback object may serve several fits, and nothing carries over."""
+        self.last_commit: CommitRecord | None = None
+        self.resumed_from: CommitRecord | None = None
+        self._loaders: list[ResumableLoader] = []
+        self._loader_states: list[dict[str, Any]] | None = None
+        self._resume_rng: dict[str, Any] | None = None
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
         self._exit_after_commit = False
         self._awaiting_flush = False
         self._val_iterated = False
         self._cancel_val_worker_seed = False
-        self._rng_before_val = None
-        self.resumed_from = None
-        self.last_commit = None
+        self._rng_before_val: dict[str, Any] | None = None
         self._flag.received = None
 
     def _resolve_url(self, trainer: pl.Trainer) -> str:
