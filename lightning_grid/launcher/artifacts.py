@@ -13,7 +13,10 @@ import json
 import os
 import posixpath
 import shutil
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +60,28 @@ class SyncStats:
         )
 
 
+_PROGRESS_BYTES = 64 * 1024 * 1024
+
+
+@contextmanager
+def _progress(label: str, total: int) -> Iterator[Any]:
+    """A progress bar for large syncs on a terminal; a no-op otherwise."""
+    if total < _PROGRESS_BYTES or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 def _open(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         fs, root = fsspec.core.url_to_fs(url)
@@ -95,26 +120,17 @@ def upload(local_dir: str, url: str) -> SyncStats:
     old = _load_manifest(fs, root)
     current = _walk(local_dir)
     stats = SyncStats(files=len(current))
-    manifest: dict[str, dict[str, Any]] = {}
-    for rel, st in sorted(current.items()):
-        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        manifest[rel] = entry
-        if old.get(rel) == entry:
-            stats.skipped += 1
-            continue
-        src = os.path.join(local_dir, rel)
-        dst = f"{root}/files/{rel}"
-        try:
-            if local:
-                with open(src, "rb") as handle, atomic_writer(dst) as out:
-                    shutil.copyfileobj(handle, out, 1 << 20)
-            else:
-                fs.put_file(src, dst)
-        except OSError as exc:
-            raise StoreError(f"could not upload {src} to {url}: {exc}") from exc
-        stats.transferred += 1
-        stats.bytes += st.st_size
+    manifest = {rel: {"size": st.st_size, "mtime_ns": st.st_mtime_ns} for rel, st in current.items()}
+    changed = sorted(rel for rel in manifest if old.get(rel) != manifest[rel])
+    stats.skipped = len(manifest) - len(changed)
+    with _progress(f"saving to {url}", sum(current[rel].st_size for rel in changed)) as advance:
+        for rel in changed:
+            _upload_one(fs, local, os.path.join(local_dir, rel), f"{root}/files/{rel}", url)
+            stats.transferred += 1
+            stats.bytes += current[rel].st_size
+            advance(current[rel].st_size)
     data = json.dumps({"files": manifest, "time": time.time()}, sort_keys=True).encode()
+
     if local:
         atomic_write_bytes(f"{root}/{MANIFEST}", data)
     else:
@@ -124,6 +140,17 @@ def upload(local_dir: str, url: str) -> SyncStats:
             fs.rm_file(f"{root}/files/{rel}")
     stats.seconds = time.monotonic() - start
     return stats
+
+
+def _upload_one(fs: fsspec.AbstractFileSystem, local: bool, src: str, dst: str, url: str) -> None:
+    try:
+        if local:
+            with open(src, "rb") as handle, atomic_writer(dst) as out:
+                shutil.copyfileobj(handle, out, 1 << 20)
+        else:
+            fs.put_file(src, dst)
+    except OSError as exc:
+        raise StoreError(f"could not upload {src} to {url}: {exc}") from exc
 
 
 def _safe_destination(local_dir: str, rel: str) -> str:
@@ -145,15 +172,17 @@ def restore(url: str, local_dir: str) -> SyncStats:
     os.makedirs(local_dir, exist_ok=True)
     destinations = {rel: _safe_destination(local_dir, rel) for rel in manifest}  # all checked first
     stats = SyncStats(files=len(manifest))
-    for rel, entry in sorted(manifest.items()):
-        dest = destinations[rel]
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        try:
-            fs.get_file(f"{root}/files/{rel}", dest)
-        except (OSError, FileNotFoundError) as exc:
-            raise StoreError(f"could not restore {rel} from {url}: {exc}") from exc
-        os.utime(dest, ns=(entry["mtime_ns"], entry["mtime_ns"]))
-        stats.transferred += 1
-        stats.bytes += int(entry["size"])
+    with _progress(f"restoring from {url}", sum(int(e["size"]) for e in manifest.values())) as advance:
+        for rel, entry in sorted(manifest.items()):
+            dest = destinations[rel]
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            try:
+                fs.get_file(f"{root}/files/{rel}", dest)
+            except OSError as exc:
+                raise StoreError(f"could not restore {rel} from {url}: {exc}") from exc
+            os.utime(dest, ns=(entry["mtime_ns"], entry["mtime_ns"]))
+            stats.transferred += 1
+            stats.bytes += int(entry["size"])
+            advance(int(entry["size"]))
     stats.seconds = time.monotonic() - start
     return stats

@@ -75,3 +75,19 @@ def test_sigterm_checkpoint_to_s3_and_exact_resume(
     assert_bit_identical(expected, out)
     assert not (tmp_path / "run" / "resumable").exists()
     assert CheckpointStore("s3://lg-bucket/run1").committed()
+
+
+def test_artifact_sync_on_s3(s3_endpoint: str, tmp_path: Path) -> None:
+    from lightning_grid.launcher import artifacts
+
+    src = tmp_path / "exec"
+    (src / "logs").mkdir(parents=True)
+    (src / "train.py").write_text("print('hi')\n")
+    (src / "logs" / "metrics.csv").write_text("step,loss\n0,1.0\n")
+    url = "s3://lg-bucket/exp/execdir"
+    assert artifacts.upload(str(src), url).transferred == 2
+    assert artifacts.upload(str(src), url).transferred == 0  # unchanged: nothing re-uploaded
+    dest = tmp_path / "restored"
+    artifacts.restore(url, str(dest))
+    assert (dest / "logs" / "metrics.csv").read_text() == "step,loss\n0,1.0\n"
+    assert artifacts.upload(str(dest), url).transferred == 0

@@ -64,3 +64,14 @@ def test_drop_in_trainer_adds_one_resumable(tmp_path) -> None:
     own = Resumable(keep=5)
     trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, callbacks=[own])
     assert trainer.resumable is own
+
+
+def test_time_based_periodic_saves_keep_the_newest(tmp_path) -> None:
+    from lightning_grid.checkpoints import CheckpointStore
+
+    resumable = Resumable(dirpath=tmp_path / "ckpts", every_n_seconds=1e-6, keep=2)
+    trainer = _trainer(tmp_path, [resumable], max_epochs=2)
+    trainer.fit(Tiny(), _loader(32))
+    records = CheckpointStore(str(resumable.store.url)).committed()
+    assert len(records) == 2 and all(r.reason == "periodic" for r in records)
+    assert records[0].step > records[1].step
