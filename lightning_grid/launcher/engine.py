@@ -188,8 +188,21 @@ class Engine:
                 except psutil.TimeoutExpired:
                     proc.kill()
         self.registry.update_attempt(
-            name, last.number, ended=time.time(), outcome=Outcome.KILLED.value, reason="launcher lost"
+            name,
+            last.number,
+            ended=time.time(),
+            outcome=Outcome.KILLED.value,
+            reason="its launcher was killed",
         )
+        # Tell the story as it happened: the running attempt was interrupted and the experiment waited.
+        status = self.registry.get(name).status
+        if status is Status.RUNNING:
+            self.registry.transition(
+                name, Status.INTERRUPTING, "the launcher was killed; its script got SIGTERM"
+            )
+            status = Status.INTERRUPTING
+        if status is Status.INTERRUPTING:
+            self.registry.transition(name, Status.PENDING, "waiting for a launcher")
 
     def _loop(self, row: ExperimentRow, signals: LauncherSignals) -> ExperimentRow:
         name = row.name
