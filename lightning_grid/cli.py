@@ -69,6 +69,13 @@ def cli() -> None:
     help="S1,S2,...: attempt k gets a notice after S_k seconds.",
 )
 @click.option("--grace-period", "grace_period", type=float, default=120.0, show_default=True)
+@click.option(
+    "--cloud",
+    type=click.Choice(["none", "aws", "gcp", "azure", "auto"]),
+    default="none",
+    show_default=True,
+    help="Watch this cloud's metadata service for spot interruption notices (auto: ask each).",
+)
 @click.option("--resume", "resume", default=None, metavar="NAME", help="Continue a pending experiment.")
 @click.argument("script", required=False)
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
@@ -82,6 +89,7 @@ def run(
     artifacts: str | None,
     simulate: str | None,
     grace_period: float,
+    cloud: str,
     resume: str | None,
     script: str | None,
     script_args: tuple[str, ...],
@@ -98,7 +106,7 @@ def run(
         spec = Spec(
             script=script, args=list(script_args), name=name, resumable=resumable, use_spot=use_spot,
             instance_type=instance_type, max_restarts=max_restarts, retries=retries, artifacts=artifacts,
-            simulate_preemptions=parse_simulation(simulate), grace_period=grace_period,
+            simulate_preemptions=parse_simulation(simulate), grace_period=grace_period, cloud=cloud,
         )  # fmt: skip
         submitted = engine.submit(spec)
         engine.say(f"experiment {submitted.name} submitted")

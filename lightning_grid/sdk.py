@@ -33,6 +33,7 @@ class Experiment:
         artifacts: str | None = None,
         simulate_preemptions: Sequence[float] = (),
         grace_period: float = 120.0,
+        cloud: str = "none",
         home: str | None = None,
         echo: bool = True,
     ) -> None:
@@ -40,7 +41,7 @@ class Experiment:
         self._spec = Spec(
             script=script, args=list(args), name=name, resumable=resumable, use_spot=use_spot,
             instance_type=instance_type, max_restarts=max_restarts, retries=retries, artifacts=artifacts,
-            simulate_preemptions=list(simulate_preemptions), grace_period=grace_period,
+            simulate_preemptions=list(simulate_preemptions), grace_period=grace_period, cloud=cloud,
         )  # fmt: skip
         self.name: str | None = name
 

@@ -26,14 +26,15 @@ from lightning_grid.contract import Contract, default_home
 from lightning_grid.errors import LightningGridError, UsageError
 from lightning_grid.launcher import artifacts, instances
 from lightning_grid.launcher.experiment import Outcome, Status, classify, decide
-from lightning_grid.launcher.registry import ExperimentRow, Registry
-from lightning_grid.launcher.supervisor import (
+from lightning_grid.launcher.notices import (
     LauncherSignals,
     Notice,
     NoticeSource,
     SimulatedPreemption,
-    run_attempt,
+    cloud_notices,
 )
+from lightning_grid.launcher.registry import ExperimentRow, Registry
+from lightning_grid.launcher.supervisor import run_attempt
 
 __all__ = ["Spec", "Engine", "parse_simulation"]
 
@@ -57,6 +58,7 @@ class Spec:
     artifacts: str | None = None
     simulate_preemptions: list[float] = field(default_factory=list)
     grace_period: float = 120.0
+    cloud: str = "none"  # where interruption notices come from: aws, gcp, azure, auto, none
 
 
 def parse_simulation(text: str | None) -> list[float]:
@@ -95,6 +97,8 @@ class Engine:
             raise UsageError(f"--max_restarts must be >= 0, got {spec.max_restarts}")
         if spec.retries < 0:
             raise UsageError(f"--retries must be >= 0, got {spec.retries}")
+        if spec.cloud not in ("none", "auto", "aws", "gcp", "azure"):
+            raise UsageError(f"unknown --cloud {spec.cloud!r}; choose aws, gcp, azure, auto or none")
         if spec.grace_period <= 0:
             raise UsageError(f"--grace-period must be > 0 seconds, got {spec.grace_period}")
         name = spec.name or self._generate_name()
@@ -112,7 +116,7 @@ class Engine:
             source_dir=os.path.dirname(script), artifacts=artifacts_url, resumable=spec.resumable,
             use_spot=spec.use_spot, instance_type=instance.name, max_restarts=spec.max_restarts,
             retries=spec.retries, grace_period=spec.grace_period, simulate=list(spec.simulate_preemptions),
-            restarts=0, failures=0, reason="", stop_requested=False, created=now, updated=now,
+            cloud=spec.cloud, restarts=0, failures=0, reason="", stop_requested=False, created=now, updated=now,
         )  # fmt: skip
         with self._lock(name):
             self.registry.create(row)
@@ -262,7 +266,7 @@ class Engine:
         log_path = os.path.join(self.home, "runs", name, f"attempt-{number}.log")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         simulated = row.simulate[number - 1] if row.use_spot and number - 1 < len(row.simulate) else None
-        sources: list[NoticeSource] = [SimulatedPreemption(simulated), signals]
+        sources: list[NoticeSource] = [SimulatedPreemption(simulated), signals, *cloud_notices(row.cloud)]
         noticed_at: list[float] = []
 
         def on_start(pid: int) -> None:
@@ -317,8 +321,13 @@ class Engine:
             checkpoint_step=marker["step"] if marker else None,
         )
         if result.exit_after_sigterm_s is not None:
+            used = ""
+            if result.window_s:
+                used = f", {100 * result.exit_after_sigterm_s / result.window_s:.0f}% of its {result.window_s:.0f}s window"
             self.registry.note(
-                name, f"attempt {number}: exited {result.exit_after_sigterm_s:.2f}s after SIGTERM"
+                name,
+                f"attempt {number}: SIGTERM {result.sigterm_after_notice_s or 0:.2f}s after the notice, exit"
+                f" {result.exit_after_sigterm_s:.2f}s after SIGTERM{used}",
             )
         return result, outcome
 

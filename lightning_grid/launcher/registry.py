@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     retries INTEGER NOT NULL,
     grace_period REAL NOT NULL,
     simulate TEXT NOT NULL,
+    cloud TEXT NOT NULL DEFAULT 'none',
     restarts INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0,
     reason TEXT NOT NULL DEFAULT '',
@@ -83,6 +84,7 @@ class ExperimentRow:
     retries: int
     grace_period: float
     simulate: list[float]
+    cloud: str
     restarts: int
     failures: int
     reason: str
@@ -144,12 +146,12 @@ class Registry:
                 db.execute("BEGIN IMMEDIATE")
                 db.execute(
                     "INSERT INTO experiments (name, status, script, args, source_dir, artifacts, resumable, use_spot,"
-                    " instance_type, max_restarts, retries, grace_period, simulate, created, updated)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " instance_type, max_restarts, retries, grace_period, simulate, cloud, created, updated)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         row.name, row.status.value, row.script, json.dumps(row.args), row.source_dir, row.artifacts,
                         int(row.resumable), int(row.use_spot), row.instance_type, row.max_restarts, row.retries,
-                        row.grace_period, json.dumps(row.simulate), row.created, row.updated,
+                        row.grace_period, json.dumps(row.simulate), row.cloud, row.created, row.updated,
                     ),
                 )  # fmt: skip
                 db.execute(
@@ -268,6 +270,7 @@ def _experiment(r: sqlite3.Row) -> ExperimentRow:
         retries=r["retries"],
         grace_period=r["grace_period"],
         simulate=json.loads(r["simulate"]),
+        cloud=r["cloud"],
         restarts=r["restarts"],
         failures=r["failures"],
         reason=r["reason"],

@@ -16,64 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO
 
-__all__ = ["Notice", "NoticeSource", "SimulatedPreemption", "LauncherSignals", "AttemptResult", "run_attempt"]
+from lightning_grid.launcher.notices import Notice, NoticeSource
 
-
-@dataclass(frozen=True)
-class Notice:
-    """A pending interruption: who said so, and by when the machine goes away (if known)."""
-
-    source: str
-    reason: str
-    deadline: float | None = None  # monotonic time
-
-
-class NoticeSource(Protocol):
-    def poll(self) -> Notice | None: ...
-
-
-class SimulatedPreemption:
-    """The local spot simulator: a notice ``after_s`` seconds into the attempt."""
-
-    def __init__(self, after_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.after_s = after_s
-        self.clock = clock
-        self.start = clock()
-
-    def poll(self) -> Notice | None:
-        if self.after_s is not None and self.clock() - self.start >= self.after_s:
-            return Notice("simulator", f"simulated spot interruption after {self.after_s:g}s")
-        return None
-
-
-class LauncherSignals:
-    """SIGTERM/SIGINT to the launcher itself (its machine is going down): interrupt in order too."""
-
-    def __init__(self) -> None:
-        self.received: signal.Signals | None = None
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handler)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        self._previous.clear()
-
-    def _handler(self, signum: int, frame: object) -> None:
-        if self.received is None:
-            self.received = signal.Signals(signum)
-
-    def poll(self) -> Notice | None:
-        if self.received is not None:
-            return Notice("launcher", f"the launcher received {self.received.name}")
-        return None
+__all__ = ["AttemptResult", "run_attempt"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +33,7 @@ class AttemptResult:
     killed_after_grace: bool
     stopped: bool
     seconds: float
+    window_s: float | None = None  # time the notice allowed, from SIGTERM to SIGKILL
 
 
 def _die_with_parent() -> None:
@@ -143,6 +91,7 @@ def run_attempt(
         notice_wall = None
         killed = stopped = False
         deadline = None
+        window = None
         while proc.poll() is None:
             if notice is None:
                 stopped = stop_requested()
@@ -178,6 +127,7 @@ def run_attempt(
         killed_after_grace=killed,
         stopped=stopped,
         seconds=ended - started,
+        window_s=window,
     )
 
 

@@ -1,0 +1,286 @@
+"""Where notices of a pending interruption come from: one small class per source, all ``poll()``.
+
+``poll()`` never blocks for long and never raises: an unreachable or garbled metadata service is
+logged once and asked again later, never taken for a preemption. Cloud sources rate-limit
+themselves (the metadata services ask for polls every few seconds, not every 100 ms).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+__all__ = [
+    "Notice",
+    "NoticeSource",
+    "SimulatedPreemption",
+    "LauncherSignals",
+    "AWSSpotNotices",
+    "GCPPreemptionNotices",
+    "AzureScheduledEvents",
+    "cloud_notices",
+    "CLOUDS",
+]
+
+log = logging.getLogger("lightning_grid")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A pending interruption: who said so, and by when the machine goes away (if known)."""
+
+    source: str
+    reason: str
+    deadline: float | None = None  # monotonic time
+
+
+class NoticeSource(Protocol):
+    def poll(self) -> Notice | None: ...
+
+
+class SimulatedPreemption:
+    """The local spot simulator: a notice ``after_s`` seconds into the attempt."""
+
+    def __init__(self, after_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.after_s = after_s
+        self.clock = clock
+        self.start = clock()
+
+    def poll(self) -> Notice | None:
+        if self.after_s is not None and self.clock() - self.start >= self.after_s:
+            return Notice("simulator", f"simulated spot interruption after {self.after_s:g}s")
+        return None
+
+
+class LauncherSignals:
+    """SIGTERM/SIGINT to the launcher itself (its machine is going down): interrupt in order too."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+    def poll(self) -> Notice | None:
+        if self.received is not None:
+            return Notice("launcher", f"the launcher received {self.received.name}")
+        return None
+
+
+def _mono_deadline(wall_deadline: float) -> float:
+    return time.monotonic() + (wall_deadline - time.time())
+
+
+class _MetadataSource:
+    """Shared plumbing: rate limit, HTTP with a short timeout, log each kind of failure once."""
+
+    name = "metadata"
+
+    def __init__(self, base_url: str, interval_s: float = 2.0, timeout_s: float = 1.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._last_poll = float("-inf")
+        self._notice: Notice | None = None
+        self._logged: set[str] = set()
+        self.early_warnings: list[str] = []
+
+    def _request(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.base_url + path, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310 - configured URL
+                return int(response.status), response.read()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read() or b""
+
+    def _log_once(self, kind: str, message: str) -> None:
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning("lightning-grid: %s metadata: %s (will keep asking)", self.name, message)
+
+    def poll(self) -> Notice | None:
+        if self._notice is not None:
+            return self._notice
+        now = time.monotonic()
+        if now - self._last_poll < self.interval_s:
+            return None
+        self._last_poll = now
+        try:
+            self._notice = self._check()
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # unreachable, timeout, garbled
+            self._log_once(type(exc).__name__, str(exc) or type(exc).__name__)
+        return self._notice
+
+    def _check(self) -> Notice | None:
+        raise NotImplementedError
+
+
+class AWSSpotNotices(_MetadataSource):
+    """EC2 instance metadata, IMDSv2: a session token, then the spot ``instance-action``.
+
+    404 while nothing is scheduled; 200 with ``{"action": "terminate"|"stop"|"hibernate", "time": ...}``
+    two minutes before. The token is refreshed before it expires and after a 401. The rebalance
+    recommendation is surfaced as an early warning only.
+    """
+
+    name = "aws"
+
+    def __init__(
+        self, base_url: str = "http://169.254.169.254", token_ttl_s: int = 21600, **kwargs: Any
+    ) -> None:
+        super().__init__(base_url, **kwargs)
+        self.token_ttl_s = token_ttl_s
+        self._token: str | None = None
+        self._token_expires = 0.0
+
+    def _get_token(self) -> str:
+        if self._token is None or time.monotonic() > self._token_expires - 60:
+            status, body = self._request(
+                "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl_s)}
+            )
+            if status != 200:
+                raise ValueError(f"token request answered {status}")
+            self._token = body.decode().strip()
+            self._token_expires = time.monotonic() + self.token_ttl_s
+        return self._token
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        status, body = self._request("GET", path, {"X-aws-ec2-metadata-token": self._get_token()})
+        if status == 401:  # expired or revoked: one fresh token, one more try
+            self._token = None
+            status, body = self._request("GET", path, {"X-aws-ec2-metadata-token": self._get_token()})
+        return status, body
+
+    def _check(self) -> Notice | None:
+        status, body = self._get("/latest/meta-data/events/recommendations/rebalance")
+        if status == 200 and not self.early_warnings:
+            self.early_warnings.append(f"rebalance recommendation: {body.decode(errors='replace').strip()}")
+            log.warning("lightning-grid: aws: %s", self.early_warnings[-1])
+        status, body = self._get("/latest/meta-data/spot/instance-action")
+        if status == 404:
+            return None
+        if status != 200:
+            raise ValueError(f"instance-action answered {status}")
+        action = json.loads(body)
+        when = datetime.fromisoformat(str(action["time"]).replace("Z", "+00:00")).timestamp()
+        return Notice(
+            "aws", f"spot instance {action['action']} scheduled at {action['time']}", _mono_deadline(when)
+        )
+
+
+class GCPPreemptionNotices(_MetadataSource):
+    """GCE metadata: ``instance/preempted`` is ``TRUE`` once a Spot/preemptible VM is being reclaimed;
+    the VM then has 30 seconds."""
+
+    name = "gcp"
+    WINDOW_S = 30.0
+
+    def __init__(self, base_url: str = "http://metadata.google.internal", **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+
+    def _check(self) -> Notice | None:
+        status, body = self._request(
+            "GET", "/computeMetadata/v1/instance/preempted", {"Metadata-Flavor": "Google"}
+        )
+        if status != 200:
+            raise ValueError(f"preempted answered {status}")
+        value = body.decode().strip().upper()
+        if value == "FALSE":
+            return None
+        if value != "TRUE":
+            raise ValueError(f"unexpected preempted value {value[:40]!r}")
+        return Notice("gcp", "spot VM preempted", time.monotonic() + self.WINDOW_S)
+
+
+class AzureScheduledEvents(_MetadataSource):
+    """Azure Scheduled Events: an event with ``EventType: "Preempt"`` and its ``NotBefore`` deadline."""
+
+    name = "azure"
+
+    def __init__(self, base_url: str = "http://169.254.169.254", **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+
+    def _check(self) -> Notice | None:
+        status, body = self._request(
+            "GET", "/metadata/scheduledevents?api-version=2020-07-01", {"Metadata": "true"}
+        )
+        if status != 200:
+            raise ValueError(f"scheduledevents answered {status}")
+        for event in json.loads(body).get("Events", []):
+            if event.get("EventType") == "Preempt":
+                not_before = event.get("NotBefore")
+                deadline = (
+                    _mono_deadline(email.utils.parsedate_to_datetime(not_before).timestamp())
+                    if not_before
+                    else None
+                )
+                return Notice("azure", f"spot VM eviction scheduled (NotBefore {not_before})", deadline)
+        return None
+
+
+CLOUDS: dict[str, Callable[..., _MetadataSource]] = {
+    "aws": AWSSpotNotices,
+    "gcp": GCPPreemptionNotices,
+    "azure": AzureScheduledEvents,
+}
+
+#: Base URLs can be pointed elsewhere (a test server on 127.0.0.1, a metadata proxy).
+BASE_URL_ENV = {
+    "aws": "LIGHTNING_GRID_AWS_METADATA_URL",
+    "gcp": "LIGHTNING_GRID_GCP_METADATA_URL",
+    "azure": "LIGHTNING_GRID_AZURE_METADATA_URL",
+}
+
+
+def cloud_notices(
+    cloud: str, environ: dict[str, str] | None = None, interval_s: float = 2.0
+) -> list[NoticeSource]:
+    """The notice sources for ``--cloud``: one named cloud, ``none``, or ``auto`` (ask each service)."""
+    env = dict(os.environ) if environ is None else environ
+    if cloud == "none":
+        return []
+
+    def make(name: str) -> _MetadataSource:
+        base = env.get(BASE_URL_ENV[name])
+        kwargs: dict[str, Any] = {"interval_s": interval_s}
+        return CLOUDS[name](base, **kwargs) if base else CLOUDS[name](**kwargs)
+
+    if cloud in CLOUDS:
+        return [make(cloud)]
+    if cloud != "auto":
+        raise ValueError(f"unknown cloud {cloud!r}")
+    found: list[NoticeSource] = []
+    for name in CLOUDS:
+        source = make(name)
+        source.timeout_s = 0.5
+        try:
+            source._check()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append(source)
+        break
+    return found
