@@ -14,6 +14,7 @@ from rich.table import Table
 
 from lightning_grid import __version__
 from lightning_grid.errors import LightningGridError, UsageError
+from lightning_grid.launcher.agent import AgentSpec, read_events, run_agent, summarize
 from lightning_grid.launcher.engine import Engine, Spec, parse_simulation
 from lightning_grid.launcher.experiment import Status
 from lightning_grid.launcher.report import describe
@@ -119,11 +120,50 @@ def run(
         raise click.exceptions.Exit(1)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--artifacts", required=True, help="fsspec URL of the artifact store the provisioner's machines share."
+)
+@click.option("--name", required=True, help="The experiment: every machine that runs it uses the same name.")
+@click.option("--workdir", default=".", show_default=True, help="Execution directory on this machine.")
+@click.option(
+    "--cloud", type=click.Choice(["none", "aws", "gcp", "azure", "auto"]), default="auto", show_default=True
+)
+@click.option("--grace-period", "grace_period", type=float, default=120.0, show_default=True)
+@click.option(
+    "--simulate-preemption", "simulate", type=float, default=None, help="A notice after this many seconds."
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def agent(
+    artifacts: str,
+    name: str,
+    workdir: str,
+    cloud: str,
+    grace_period: float,
+    simulate: float | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND on this (spot) machine: restore, watch for notices, sync; exit 0 done, 75 preempted."""
+    spec = AgentSpec(list(command), artifacts, name, workdir, cloud, grace_period, simulate)
+    raise click.exceptions.Exit(run_agent(spec))
+
+
 @cli.command()
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
-def status(name: str, as_json: bool) -> None:
+@click.option("--artifacts", default=None, help="Read the story an agent left in this artifact store.")
+def status(name: str, as_json: bool, artifacts: str | None) -> None:
     """Lifecycle, attempts with exit codes and reasons, restarts, times, and the bill."""
+    if artifacts is not None:
+        summary = summarize(name, read_events(artifacts, name))
+        if as_json:
+            click.echo(json.dumps(summary, indent=2, default=str))
+            return
+        _console().print(f"[bold]{name}[/]  {summary['status']}  restarts {summary['restarts']}")
+        for event in summary["events"]:
+            detail = {k: v for k, v in event.items() if k not in ("time", "event")}
+            _console().print(f"  {_when(event['time'])}  {event['event']}  {detail}", soft_wrap=True)
+        return
     info = describe(Engine().registry, name)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))

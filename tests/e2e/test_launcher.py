@@ -303,9 +303,14 @@ def test_sigkilled_launcher_leaves_no_orphan_and_resume_never_overlaps(tmp_path:
     assert info["status"] == "succeeded"
     first, second = info["attempts"]
     assert first["ended"] <= second["started"] and first["outcome"] == "killed"
-    assert [
-        e["to"] for e in info["events"] if e["to"]
-    ][1:] == ["running", "interrupting", "pending", "restoring", "running", "succeeded"]
+    assert [e["to"] for e in info["events"] if e["to"]][1:] == [
+        "running",
+        "interrupting",
+        "pending",
+        "restoring",
+        "running",
+        "succeeded",
+    ]
 
 
 def test_sdk_runs_on_the_same_engine(tmp_path: Path, home: Path) -> None:

@@ -257,3 +257,71 @@ def test_launcher_acts_on_an_aws_notice(tmp_path: Path, metadata: Metadata) -> N
         and "after the notice" in reasons
         and "window" in reasons
     )
+
+
+def test_agent_on_two_machines_resumes_bit_identical(
+    tmp_path: Path, metadata: Metadata, mnist_dir: Path, reference
+) -> None:
+    """Machine 1 runs the script until the (fake) AWS notice, exits 75 with its checkpoint in the store;
+    machine 2 starts from an empty folder, restores, and finishes identical to an uninterrupted run."""
+    from tests.helpers import TRAIN, assert_bit_identical
+
+    options = ["--aug", "--dropout", "0.2", "--step-sleep", "0.2"]
+    expected = reference.get(options)
+    project = tmp_path / "machine1"
+    project.mkdir()
+    (project / "train.py").write_text(TRAIN.read_text())
+    store = f"file://{tmp_path / 'store'}"
+    command = [
+        "--",
+        sys.executable,
+        "train.py",
+        "--mode",
+        "env",
+        "--data-dir",
+        str(mnist_dir),
+        "--root",
+        "run",
+        "--out",
+        "w.pt",
+        *options,
+    ]
+    env = child_env(LIGHTNING_GRID_AWS_METADATA_URL=metadata.url)
+    agent = [
+        sys.executable,
+        "-m",
+        "lightning_grid.cli",
+        "agent",
+        "--artifacts",
+        store,
+        "--name",
+        "exp",
+        "--cloud",
+        "aws",
+    ]
+
+    metadata.preempt_after = time.monotonic() + 6.0
+    metadata.withdraw_after_serving = True
+    first = subprocess.run(
+        [*agent, "--workdir", str(project), *command], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert not (project / "w.pt").exists()
+
+    machine2 = tmp_path / "machine2"
+    second = subprocess.run(
+        [*agent, "--workdir", str(machine2), *command], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_bit_identical(expected, machine2 / "w.pt")
+
+    status = subprocess.run(
+        [sys.executable, "-m", "lightning_grid.cli", "status", "exp", "--artifacts", store, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    info = json.loads(status.stdout)
+    assert info["status"] == "succeeded" and info["restarts"] == 1
+    assert [a["outcome"] for a in info["attempts"]] == ["preempted", "succeeded"]
+    assert info["attempts"][0]["seconds_to_synced"] is not None
