@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
-import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from lightning_grid._io import HashingWriter, atomic_write_bytes, atomic_writer, fsync_dir
@@ -130,6 +129,8 @@ class CheckpointStore:
         ``before_commit`` runs after the bytes are durable and before the record is written: the
         callback uses it to make the logs it promises to keep in step with the checkpoint durable too.
         """
+        import torch  # here, not at import: the launcher reads markers without loading torch
+
         name = f"ckpt-{step:010d}-{time.time_ns() // 1_000_000}{_PAYLOAD_SUFFIX}"
         if self.is_local:
             with atomic_writer(self._path(name)) as handle:
@@ -147,6 +148,8 @@ class CheckpointStore:
     def _save_remote(self, checkpoint: Any, name: str) -> tuple[str, int]:
         # Serialise to a local spool file first, so that a failed upload can be retried without
         # touching the (still changing) training state, and the bytes survive if the store does not come back.
+        import torch
+
         spool = self._spool_dir or os.path.join(tempfile.gettempdir(), "lightning_grid_spool")
         os.makedirs(spool, exist_ok=True)
         local = os.path.join(spool, name)
@@ -246,6 +249,8 @@ class CheckpointStore:
 
     @staticmethod
     def load_bytes(data: bytes) -> Any:
+        import torch
+
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
     # -- pruning -----------------------------------------------------------------------------------

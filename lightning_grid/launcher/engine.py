@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -93,6 +94,7 @@ class Engine:
         if os.path.isdir(script):
             raise UsageError(f"{spec.script} is a directory; give the script to run")
         instance = instances.lookup(spec.instance_type)
+        instances.visible_devices(instance, _gpu_count())  # more GPUs than this machine has: say so now
         if spec.max_restarts < 0:
             raise UsageError(f"--max_restarts must be >= 0, got {spec.max_restarts}")
         if spec.retries < 0:
@@ -353,12 +355,20 @@ class Engine:
 
 
 def _gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # a broken CUDA install is "no GPU" for scheduling purposes
-        return 0
+    """GPUs this launcher may hand out, without importing torch (the launcher stays small and quick)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    proc_dir = "/proc/driver/nvidia/gpus"
+    if os.path.isdir(proc_dir):
+        return len(os.listdir(proc_dir))
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        return sum(line.startswith("GPU ") for line in out.splitlines())
+    return 0
 
 
 def _check_url(url: str) -> None:
