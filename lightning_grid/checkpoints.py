@@ -186,7 +186,10 @@ class CheckpointStore:
 
     # -- discovery and reading ---------------------------------------------------------------------
     def committed(self) -> list[CommitRecord]:
-        """Committed checkpoints, newest first (by step, then time)."""
+        """Committed checkpoints, most recently written first.
+
+        By write time rather than step: a run restarted from scratch in the same folder writes lower
+        steps than an older run did, and its checkpoints are the ones to continue from."""
         try:
             names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:
@@ -201,7 +204,7 @@ class CheckpointStore:
                 log.warning(
                     "lightning_grid: ignoring unreadable commit record %s: %s", self.location(name), exc
                 )
-        records.sort(key=lambda r: (r.step, r.time), reverse=True)
+        records.sort(key=lambda r: (r.time, r.step), reverse=True)
         return records
 
     def read_verified(self, record: CommitRecord) -> bytes:

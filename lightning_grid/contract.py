@@ -37,7 +37,7 @@ _TRUE = {"1", "true", "yes", "on"}
 
 def default_home(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
-    return env.get(ENV_HOME) or os.path.join(os.path.expanduser("~"), ".lightning_grid")
+    return os.path.abspath(env.get(ENV_HOME) or os.path.join(os.path.expanduser("~"), ".lightning_grid"))
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,10 @@ class Engine:
         name = spec.name or self._generate_name()
         if not _NAME.match(name):
             raise UsageError(f"invalid experiment name {name!r}: letters, digits, '.', '_', '-' (max 64)")
-        artifacts_url = (spec.artifacts or os.path.join(self.home, "artifacts")).rstrip("/") + f"/{name}"
+        store = spec.artifacts or os.path.join(self.home, "artifacts")
+        if "://" not in store:
+            store = os.path.abspath(store)  # the script runs elsewhere: a relative path would move with it
+        artifacts_url = store.rstrip("/") + f"/{name}"
         _check_url(artifacts_url)
         if self.registry.exists(name):
             raise UsageError(
@@ -121,9 +124,10 @@ class Engine:
             cloud=spec.cloud, restarts=0, failures=0, reason="", stop_requested=False, created=now, updated=now,
         )  # fmt: skip
         with self._lock(name):
-            self.registry.create(row)
-            # The execution directory starts as a copy of the script's folder, kept in the store.
+            # The execution directory starts as a copy of the script's folder, kept in the store;
+            # captured before the experiment exists, so a failed capture leaves nothing half-made.
             stats = artifacts.upload(row.source_dir, self._execdir_url(row))
+            self.registry.create(row)
             self.registry.note(
                 name, f"execution directory captured from {row.source_dir}: {stats.describe()}"
             )
@@ -171,6 +175,7 @@ class Engine:
             if row.status.is_terminal():
                 raise UsageError(f"experiment {name!r} has already ended ({row.status.value})")
             self._wait_for_orphans(name)
+            self._repair(name)
             signals = LauncherSignals()
             signals.install()
             try:
@@ -200,6 +205,9 @@ class Engine:
             outcome=Outcome.KILLED.value,
             reason="its launcher was killed",
         )
+        exec_dir = self._attempt_dir(name, last.number)
+        if os.path.isdir(exec_dir):  # what the script saved on its way out
+            self._save_execdir(self.registry.get(name), last.number, exec_dir)
         # Tell the story as it happened: the running attempt was interrupted and the experiment waited.
         status = self.registry.get(name).status
         if status is Status.RUNNING:
@@ -214,7 +222,7 @@ class Engine:
         name = row.name
         instance = instances.lookup(row.instance_type)
         available = _gpu_count()
-        devices = instances.visible_devices(instance, available)
+        devices = instances.visible_devices(instance, available, os.environ.get("CUDA_VISIBLE_DEVICES"))
         if instance.gpus and not available:
             self.say(
                 f"{instance.name} has {instance.gpus} {instance.gpu} GPU(s); this machine has none, running on CPU"
@@ -224,6 +232,10 @@ class Engine:
             if row.stop_requested:
                 self._finish_stop(row)
                 return self.registry.get(name)
+            if signals.received is not None and row.status is Status.PENDING:
+                # Told to stop between attempts: starting one now would only be interrupted at once.
+                self.say(f"{name} is pending; continue it with: lightning-grid run --resume {name}")
+                return row
             number = len(self.registry.attempts(name)) + 1
             if row.status is Status.PENDING:
                 self.registry.transition(name, Status.RESTORING, f"restoring for attempt {number}")
@@ -235,14 +247,17 @@ class Engine:
             if status_now is not Status.RUNNING:
                 self.registry.transition(name, Status.RUNNING, f"attempt {number} started")
             result, outcome = self._attempt(row, number, exec_dir, devices, signals)
-            sync = artifacts.upload(exec_dir, self._execdir_url(row))
-            self.registry.note(name, f"attempt {number}: execution directory saved ({sync.describe()})")
+            self._save_execdir(row, number, exec_dir)
             row = self.registry.get(name)
             decision = decide(outcome, row.restarts, row.max_restarts, row.failures, row.retries)
-            if outcome in (Outcome.PREEMPTED, Outcome.KILLED) and decision.status is Status.PENDING:
-                self.registry.transition(name, Status.PENDING, decision.reason, restarts=row.restarts + 1)
-            elif outcome is Outcome.FAILED and decision.relaunch:
-                self.registry.transition(name, Status.RESTORING, decision.reason, failures=row.failures + 1)
+            if decision.relaunch:
+                preempted = outcome in (Outcome.PREEMPTED, Outcome.KILLED)
+                counters = {"restarts": row.restarts + 1} if preempted else {"failures": row.failures + 1}
+                # After a notice the experiment waits (pending); a plain crash is relaunched at once.
+                target = (
+                    Status.PENDING if row.status is Status.INTERRUPTING or preempted else Status.RESTORING
+                )
+                self.registry.transition(name, target, decision.reason, **counters)
             else:
                 self.registry.transition(name, decision.status, decision.reason)
             if not decision.relaunch:
@@ -251,6 +266,33 @@ class Engine:
                 self.say(f"{name} is pending; continue it with: lightning-grid run --resume {name}")
                 return self.registry.get(name)
             self.say(f"{name}: {decision.reason}; relaunching")
+
+    def _save_execdir(self, row: ExperimentRow, number: int, exec_dir: str) -> None:
+        """Sync an attempt's directory; a store that fails here is an event, not a stuck experiment."""
+        try:
+            sync = artifacts.upload(exec_dir, self._execdir_url(row))
+        except LightningGridError as exc:
+            self.registry.note(row.name, f"attempt {number}: saving the execution directory failed: {exc}")
+            self.say(f"warning: {exc}")
+            return
+        self.registry.note(row.name, f"attempt {number}: execution directory saved ({sync.describe()})")
+
+    def _repair(self, name: str) -> None:
+        """A launcher that died between an attempt's end and the status change left a live status
+        behind an ended attempt: record the interruption so the experiment can continue."""
+        row = self.registry.get(name)
+        attempts = self.registry.attempts(name)
+        if (
+            not attempts
+            or attempts[-1].ended is None
+            or row.status not in (Status.RUNNING, Status.INTERRUPTING)
+        ):
+            return
+        if row.status is Status.RUNNING:
+            self.registry.transition(
+                name, Status.INTERRUPTING, "the previous launcher stopped after an attempt ended"
+            )
+        self.registry.transition(name, Status.PENDING, "waiting for a launcher")
 
     def _attempt(
         self, row: ExperimentRow, number: int, exec_dir: str, devices: str | None, signals: LauncherSignals

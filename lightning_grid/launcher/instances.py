@@ -36,8 +36,12 @@ def lookup(name: str) -> InstanceType:
     return types[name]
 
 
-def visible_devices(instance: InstanceType, available_gpus: int) -> str | None:
-    """``CUDA_VISIBLE_DEVICES`` for a run of this type on this machine (None: leave it unset)."""
+def visible_devices(instance: InstanceType, available_gpus: int, allowed: str | None = None) -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` for a run of this type on this machine (None: leave it unset).
+
+    ``allowed`` is the launcher's own ``CUDA_VISIBLE_DEVICES``: the run gets the first of those
+    devices (ids, UUIDs or MIG names), never devices the launcher itself was not given.
+    """
     if instance.gpus == 0:
         return "" if instance.name == "cpu" else None
     if available_gpus == 0:
@@ -46,4 +50,6 @@ def visible_devices(instance: InstanceType, available_gpus: int) -> str | None:
         raise UsageError(
             f"instance type {instance.name!r} needs {instance.gpus} GPU(s), this machine has {available_gpus}"
         )
+    if allowed is not None:
+        return ",".join([d.strip() for d in allowed.split(",") if d.strip()][: instance.gpus])
     return ",".join(str(i) for i in range(instance.gpus))

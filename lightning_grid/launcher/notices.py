@@ -131,7 +131,7 @@ class _MetadataSource:
         self._last_poll = now
         try:
             self._notice = self._check()
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # unreachable, timeout, garbled
+        except Exception as exc:  # unreachable, timeout, garbled, malformed HTTP: never fatal
             self._log_once(type(exc).__name__, str(exc) or type(exc).__name__)
         return self._notice
 
@@ -279,7 +279,7 @@ def cloud_notices(
         source.timeout_s = 0.5
         try:
             source._check()
-        except (OSError, ValueError, KeyError, TypeError):
+        except Exception:  # not this cloud
             continue
         found.append(source)
         break

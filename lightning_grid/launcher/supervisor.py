@@ -45,13 +45,33 @@ def _die_with_parent() -> None:
         pass
 
 
-def _pump(stream: IO[bytes], log: IO[bytes], echo: IO[bytes] | None) -> None:
-    for line in iter(stream.readline, b""):
-        log.write(line)
-        log.flush()
-        if echo is not None:
-            echo.write(line)
-            echo.flush()
+class _Follower(threading.Thread):
+    """Echoes the attempt's log file as it grows.
+
+    The script writes to the file itself, not to a pipe the launcher reads: if the launcher dies,
+    the script's next print must not fail on a broken pipe while it is saving its checkpoint.
+    """
+
+    def __init__(self, path: str, start: int, out: IO[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.offset = start
+        self.out = out
+        self.done = threading.Event()
+
+    def _drain(self) -> None:
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read()
+        if chunk:
+            self.offset += len(chunk)
+            self.out.write(chunk)
+            self.out.flush()
+
+    def run(self) -> None:
+        while not self.done.wait(0.1):
+            self._drain()
+        self._drain()
 
 
 def run_attempt(
@@ -69,29 +89,29 @@ def run_attempt(
     clock: Callable[[], float] = time.monotonic,
 ) -> AttemptResult:
     started = clock()
+    start_offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             list(command),
             cwd=cwd,
             env=env,
-            stdout=subprocess.PIPE,
+            stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: one signal reaches the script and its children
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-        assert proc.stdout is not None
-        pump = threading.Thread(
-            target=_pump, args=(proc.stdout, log, sys.stdout.buffer if echo else None), daemon=True
-        )
-        pump.start()
+    follower = _Follower(log_path, start_offset, sys.stdout.buffer) if echo else None
+    if follower is not None:
+        follower.start()
+    notice: Notice | None = None
+    notice_mono = sigterm_mono = None
+    notice_wall = None
+    killed = stopped = False
+    deadline = None
+    window = None
+    try:
         on_start(proc.pid)
-        notice: Notice | None = None
-        notice_mono = sigterm_mono = None
-        notice_wall = None
-        killed = stopped = False
-        deadline = None
-        window = None
         while proc.poll() is None:
             if notice is None:
                 stopped = stop_requested()
@@ -112,12 +132,23 @@ def run_attempt(
                 _signal_group(proc, signal.SIGKILL)
                 killed = True
             time.sleep(poll_s)
-        exit_code = proc.wait()
-        ended = clock()
-        if killed or exit_code != 0:
-            # Whatever the script left running in its group goes too: nothing survives an attempt.
-            _signal_group(proc, signal.SIGKILL)
-        pump.join(timeout=5)
+    except BaseException:
+        # The supervisor itself failed: never leave the script running unsupervised.
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_period)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc, signal.SIGKILL)
+        raise
+    finally:
+        if follower is not None and proc.poll() is not None:
+            follower.done.set()
+            follower.join(timeout=5)
+    exit_code = proc.wait()
+    ended = clock()
+    # Whatever the script left running in its group goes too: nothing survives an attempt.
+    _signal_group(proc, signal.SIGKILL)
     return AttemptResult(
         exit_code=exit_code,
         notice=notice,

@@ -133,9 +133,17 @@ def _created_by_this_process(path: str) -> bool:
     return all(os.path.getmtime(e) >= PROCESS_START - 1 for e in entries)
 
 
-def reopen_logger(logger: Any, version: Any, last_step: int) -> bool:
+def reopen_logger(logger: Any, version: Any, last_step: int, writer: bool = True) -> bool:
     """Point ``logger`` at the version directory of the interrupted run and drop what came after
-    ``last_step`` (the work that is redone), so the log reads as one run. Returns whether it applied."""
+    ``last_step`` (the work that is redone), so the log reads as one run. Returns whether it applied.
+
+    Only the writing process (global rank 0) touches files; the others just agree on the version.
+    """
+    if not writer:
+        if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            logger._version = version
+            return True
+        return False
     if isinstance(logger, CSVLogger):
         return _reopen_csv(logger, version, last_step)
     if isinstance(logger, TensorBoardLogger):

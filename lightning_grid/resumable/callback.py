@@ -191,7 +191,9 @@ class Resumable(Callback):
         if mine is not None:
             for logger, version in zip(trainer.loggers, mine.get("logger_versions", [])):
                 if version is not None:
-                    _lightning.reopen_logger(logger, version, int(mine["logged_step"]))
+                    _lightning.reopen_logger(
+                        logger, version, int(mine["logged_step"]), trainer.is_global_zero
+                    )
             # Lightning would warn that a plain loader cannot resume mid-epoch; ours can.
             warnings.filterwarnings(
                 "ignore", message="You're resuming from a checkpoint that ended before the epoch"

@@ -37,12 +37,15 @@ class StoreContract:
         loaded = store.load_bytes(data)
         assert torch.equal(loaded["w"], payload["w"]) and loaded["step"] == 7
 
-    def test_newest_by_step_wins(self, store: CheckpointStore) -> None:
+    def test_most_recently_written_wins(self, store: CheckpointStore) -> None:
+        # An older, longer run left step 10; this run restarted and wrote step 5 after it.
         for step in (3, 10, 5):
             store.save({"step": step}, step=step)
         found = store.latest_valid()
-        assert found is not None and found[0].step == 10
-        assert [r.step for r in store.committed()] == [10, 5, 3]
+        assert found is not None and found[0].step == 5
+        assert [r.step for r in store.committed()] == [5, 10, 3]
+        store.prune(keep=1)
+        assert [r.step for r in store.committed()] == [5]  # the checkpoint just written survives
 
     def test_uncommitted_payload_is_never_trusted(self, store: CheckpointStore) -> None:
         store.save({"step": 1}, step=1)

@@ -113,5 +113,11 @@ def test_catalogue() -> None:
     assert instances.visible_devices(instances.lookup("cpu"), 2) == ""
     assert instances.visible_devices(instances.lookup("p3.8xlarge"), 8) == "0,1,2,3"
     assert instances.visible_devices(p3, 0) == ""  # simulated on the CPU
+    # The launcher's own CUDA_VISIBLE_DEVICES: the run gets the first of the devices it was given.
+    assert instances.visible_devices(p3, 2, allowed="3,5") == "3"
+    assert (
+        instances.visible_devices(instances.lookup("p3.8xlarge"), 4, allowed="GPU-a,GPU-b,GPU-c,GPU-d")
+        == "GPU-a,GPU-b,GPU-c,GPU-d"
+    )
     with pytest.raises(UsageError, match="needs 4 GPU"):
         instances.visible_devices(instances.lookup("p3.8xlarge"), 2)
