@@ -58,8 +58,11 @@ class _WrappingCombinedLoader(CombinedLoader):
 @dataclass
 class _WrappingSource(_DataLoaderSource):
     transform: Callable[[Any], Any] | None = None
+    on_new_set: Callable[[], None] | None = None
 
     def dataloader(self) -> Any:
+        if self.on_new_set is not None:
+            self.on_new_set()  # a fresh set of loaders (first fit, or reload_dataloaders_every_n_epochs)
         loaders = super().dataloader()
         if isinstance(loaders, CombinedLoader):
             combined = _WrappingCombinedLoader(loaders.iterables, loaders._mode)
@@ -69,17 +72,23 @@ class _WrappingSource(_DataLoaderSource):
         return combined
 
 
-def _wrap_source(loop: Any, transform: Callable[[Any], Any]) -> None:
+def _wrap_source(
+    loop: Any, transform: Callable[[Any], Any], on_new_set: Callable[[], None] | None = None
+) -> None:
     source = loop._data_source
     if isinstance(source, _WrappingSource):
         source.transform = transform
+        source.on_new_set = on_new_set
         return
-    loop._data_source = _WrappingSource(source.instance, source.name, transform)
+    loop._data_source = _WrappingSource(source.instance, source.name, transform, on_new_set)
 
 
-def wrap_train_loaders(trainer: pl.Trainer, transform: Callable[[Any], Any]) -> None:
-    """Route every train loader Lightning builds for this fit through ``transform``."""
-    _wrap_source(trainer.fit_loop, transform)
+def wrap_train_loaders(
+    trainer: pl.Trainer, transform: Callable[[Any], Any], on_new_set: Callable[[], None] | None = None
+) -> None:
+    """Route every train loader Lightning builds for this fit through ``transform``;
+    ``on_new_set`` runs before each new set of loaders is requested."""
+    _wrap_source(trainer.fit_loop, transform, on_new_set)
 
 
 def wrap_val_loaders(trainer: pl.Trainer, transform: Callable[[Any], Any]) -> None:

@@ -143,7 +143,7 @@ class Resumable(Callback):
         # Ours runs last at a batch end, so other callbacks' state for that batch is included. A new
         # list, because Lightning is iterating over the current one to call setup().
         trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]  # type: ignore[attr-defined]
-        _lightning.wrap_train_loaders(trainer, self._make_loader)
+        _lightning.wrap_train_loaders(trainer, self._make_loader, self._drop_loaders)
         _lightning.wrap_val_loaders(trainer, lambda dl: shield_workers(dl, self._signal_numbers))
         if self.resume:
             self._resume_from_store(trainer, pl_module)
@@ -259,6 +259,13 @@ class Resumable(Callback):
         # sanity check, which a resumed fit skips): creating them again here draws one base seed
         # from the global RNG that the original run never drew.
         self._cancel_val_worker_seed = bool(mine.get("val_iterated"))
+
+    def _drop_loaders(self) -> None:
+        """Lightning is about to build new train loaders: the old ones (and their workers) go, and
+        positions are counted in the new set only."""
+        for loader in self._loaders:
+            loader.close()
+        self._loaders = []
 
     def _make_loader(self, loader: Any) -> Any:
         if not can_make_resumable(loader):

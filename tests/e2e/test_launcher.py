@@ -345,3 +345,28 @@ def test_two_experiments_side_by_side(tmp_path: Path, home: Path) -> None:
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert {_status(home, f"x{i}")["status"] for i in range(2)} == {"succeeded"}
+
+
+def test_failure_during_an_interruption_uses_the_failure_budget(tmp_path: Path, home: Path) -> None:
+    script = _script(
+        tmp_path / "p",
+        "bad_exit.py",
+        "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(1))\nprint('up', flush=True)\ntime.sleep(30)\n",
+    )
+    proc = _launch(
+        home,
+        "run",
+        "--use_spot",
+        "--resumable",
+        "--retries",
+        "1",
+        "--simulate-preemptions",
+        "1,1",
+        "--name",
+        "bx",
+        str(script),
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    info = _status(home, "bx")
+    assert info["status"] == "failed" and info["failures"] == 1 and info["restarts"] == 0
+    assert [a["outcome"] for a in info["attempts"]] == ["failed", "failed"]

@@ -28,6 +28,10 @@ CASES = {
     "manual_two_optimizers": (AUG + ["--manual", "--sched", "step"], ["train:6", "train:40"]),
     "stateful_dataloader": (AUG + ["--loader", "stateful"], ["train:5", "last:1"]),
     "datamodule": (AUG + ["--datamodule"], ["train:5"]),
+    "reload_dataloaders_every_epoch": (
+        AUG + ["--datamodule", "--reload", "1", "--epochs", "3"],
+        ["train:5", "train:20"],
+    ),
     "loader_generator": (AUG + ["--loader", "generator", "--workers", "2"], ["train:14", "train:20"]),
 }
 

@@ -56,6 +56,7 @@ def parse() -> argparse.Namespace:
     p.add_argument(
         "--step-sleep", type=float, default=0.0, help="seconds per training step (for timing tests)"
     )
+    p.add_argument("--reload", type=int, default=0, help="reload_dataloaders_every_n_epochs")
     p.add_argument("--strategy", default="auto")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default="32-true")
@@ -287,6 +288,7 @@ def main() -> int:
         val_check_interval=args.val_check_interval if args.val_check_interval != 1.0 else 1.0,
         accumulate_grad_batches=args.accum,
         deterministic=True,
+        reload_dataloaders_every_n_epochs=args.reload,
     )
     trainer_cls = pl.Trainer
     if args.mode in ("callback", "trainer"):
