@@ -31,11 +31,12 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning_grid._io import HashingWriter, atomic_write_bytes, atomic_writer, fsync_dir
 from lightning_grid.errors import CorruptCheckpointError, StoreError, StoreUnwritableError
 
-__all__ = ["CheckpointStore", "CommitRecord", "PREEMPTED_MARKER"]
+__all__ = ["CheckpointStore", "CommitRecord", "PREEMPTED_MARKER", "COMPLETED_MARKER"]
 
 log = logging.getLogger(__name__)
 
 PREEMPTED_MARKER = "PREEMPTED.json"
+COMPLETED_MARKER = "COMPLETED.json"
 _COMMIT_SUFFIX = ".commit.json"
 _PAYLOAD_SUFFIX = ".ckpt"
 
@@ -265,8 +266,10 @@ class CheckpointStore:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(self._path(name))
 
-    def remove_uncommitted(self) -> None:
-        """Payloads and temp files a killed writer left behind (never a committed one)."""
+    def remove_uncommitted(self, older_than_s: float = 3600.0) -> None:
+        """Payloads and temp files a killed writer left behind (never a committed one).
+
+        Only old ones: another run sharing the folder may be writing one right now."""
         try:
             names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:
@@ -274,22 +277,29 @@ class CheckpointStore:
         committed = {n[: -len(_COMMIT_SUFFIX)] for n in names if n.endswith(_COMMIT_SUFFIX)}
         for name in names:
             orphan = name.endswith(_PAYLOAD_SUFFIX) and name not in committed
-            if orphan or (name.startswith(".ckpt-") and name.endswith(".tmp")):
+            if not (orphan or (name.startswith(".ckpt-") and name.endswith(".tmp"))):
+                continue
+            try:
+                age = time.time() - self.fs.modified(self._path(name)).timestamp()
+            except (NotImplementedError, OSError, AttributeError):
+                continue  # no reliable age: leave it (it is never trusted anyway)
+            if age >= older_than_s:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(self._path(name))
 
     # -- the preemption marker ---------------------------------------------------------------------
-    def write_marker(self, info: dict[str, Any]) -> None:
-        self._write_small(PREEMPTED_MARKER, json.dumps(info, sort_keys=True).encode())
+    # -- markers: "preempted and checkpointed at step N", "training completed" -------------------
+    def write_marker(self, info: dict[str, Any], name: str = PREEMPTED_MARKER) -> None:
+        self._write_small(name, json.dumps(info, sort_keys=True).encode())
 
-    def read_marker(self) -> dict[str, Any] | None:
+    def read_marker(self, name: str = PREEMPTED_MARKER) -> dict[str, Any] | None:
         try:
-            return dict(json.loads(self.fs.cat_file(self._path(PREEMPTED_MARKER))))
+            return dict(json.loads(self.fs.cat_file(self._path(name))))
         except (FileNotFoundError, ValueError):
             return None
 
-    def clear_marker(self) -> None:
+    def clear_marker(self, name: str = PREEMPTED_MARKER) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self._path(PREEMPTED_MARKER))
+            self.fs.rm_file(self._path(name))
         if self.is_local:
             fsync_dir(self.root)

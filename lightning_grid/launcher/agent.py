@@ -15,7 +15,9 @@ from anywhere.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -24,9 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
+from lightning_grid._io import atomic_write_bytes
 from lightning_grid.contract import Contract
-from lightning_grid.errors import UsageError
+from lightning_grid.errors import StoreError, UsageError
 from lightning_grid.launcher import artifacts
 from lightning_grid.launcher.experiment import Outcome, classify
 from lightning_grid.launcher.notices import (
@@ -39,6 +43,8 @@ from lightning_grid.launcher.notices import (
 from lightning_grid.launcher.supervisor import run_attempt
 
 __all__ = ["AgentSpec", "run_agent", "read_events", "summarize", "EX_PREEMPTED"]
+
+log = logging.getLogger("lightning_grid")
 
 EX_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 
@@ -59,23 +65,34 @@ class EventLog:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.fs, self.path = fsspec.core.url_to_fs(url)
+        try:
+            self.fs, self.path = fsspec.core.url_to_fs(url)
+        except (ValueError, ImportError) as exc:
+            raise UsageError(f"cannot use artifact store {url!r}: {exc}") from exc
 
     def read(self) -> list[dict[str, Any]]:
         try:
-            text = self.fs.cat_file(self.path).decode()
+            text = self.fs.cat_file(self.path).decode(errors="replace")
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.url}: {exc}") from exc
+        events = []
+        for line in text.splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                log.warning("lightning-grid: skipping an unreadable line in %s", self.url)
+        return events
 
     def append(self, kind: str, **fields: Any) -> None:
         events = self.read()
         events.append({"time": time.time(), "event": kind, **fields})
         data = "".join(json.dumps(e, sort_keys=True) + "\n" for e in events).encode()
-        parent = self.path.rsplit("/", 1)[0]
-        if parent:
-            self.fs.makedirs(parent, exist_ok=True)
-        self.fs.pipe_file(self.path, data)
+        if isinstance(self.fs, LocalFileSystem):
+            atomic_write_bytes(self.path, data)
+        else:
+            self.fs.pipe_file(self.path, data)
 
 
 def _base(artifacts_url: str, name: str) -> str:
@@ -122,6 +139,8 @@ def run_agent(spec: AgentSpec) -> int:
         raise UsageError(
             "give the command to run after --, e.g.: lightning-grid agent ... -- python train.py"
         )
+    if shutil.which(spec.command[0]) is None and not os.path.exists(spec.command[0]):
+        raise UsageError(f"command not found: {spec.command[0]}")
     base = _base(spec.artifacts, spec.name)
     artifacts._open(base)  # a clear error for an unusable URL, before anything runs
     workdir = os.path.abspath(spec.workdir)

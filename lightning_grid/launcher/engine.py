@@ -22,7 +22,7 @@ from typing import IO, Any
 import fsspec
 import psutil
 
-from lightning_grid.checkpoints import CheckpointStore
+from lightning_grid.checkpoints import COMPLETED_MARKER, CheckpointStore
 from lightning_grid.contract import Contract, default_home
 from lightning_grid.errors import LightningGridError, UsageError
 from lightning_grid.launcher import artifacts, instances
@@ -326,6 +326,7 @@ class Engine:
 
         store = CheckpointStore(ckpt_url)
         store.clear_marker()
+        store.clear_marker(COMPLETED_MARKER)
         result = run_attempt(
             [sys.executable, row.script, *row.args],
             cwd=exec_dir,
@@ -340,6 +341,8 @@ class Engine:
         )
         marker = store.read_marker()
         noticed = result.notice is not None and result.notice.source != "user"
+        if noticed and result.exit_code == 0 and marker is None and store.read_marker(COMPLETED_MARKER):
+            noticed = False  # training had finished and the script ended on its own: a success
         outcome = classify(
             result.exit_code, noticed, result.killed_after_grace, row.resumable, result.stopped
         )

@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_grid.checkpoints import CheckpointStore, CommitRecord
+from lightning_grid.checkpoints import COMPLETED_MARKER, CheckpointStore, CommitRecord
 from lightning_grid.contract import Contract
 from lightning_grid.errors import CheckpointMismatchError, LightningGridError
 from lightning_grid.resumable import _lightning, rng
@@ -296,6 +296,7 @@ class Resumable(Callback):
         self._loader_states = None  # applied to the loaders built for this fit
         if trainer.is_global_zero and self.store is not None:
             self.store.clear_marker()
+            self.store.clear_marker(COMPLETED_MARKER)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -487,10 +488,15 @@ class Resumable(Callback):
 
     # -- the end -----------------------------------------------------------------------------------
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._active and self._writer is not None:
+        if not self._active:
+            return
+        if self._writer is not None:
             self._flush_logs(trainer)
             self._logs_flushed.set()
             self._reap_writer()
+        if trainer.is_global_zero and self.store is not None:
+            # Lets a launcher tell "finished just as the notice came" from "stopped by it".
+            self.store.write_marker({"step": trainer.global_step, "time": time.time()}, COMPLETED_MARKER)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

@@ -66,6 +66,7 @@ def test_external_sigterm_exits_zero_with_marker_then_resumes_exactly(
     run_until_done(mnist_dir, root, out, options)
     assert_bit_identical(expected, out)
     assert not (root / "resumable" / "PREEMPTED.json").exists(), "a finished run leaves no preemption marker"
+    assert json.loads((root / "resumable" / "COMPLETED.json").read_text())["step"] == 30
 
 
 def test_second_sigterm_while_saving_changes_nothing(tmp_path: Path, mnist_dir: Path, reference) -> None:
@@ -160,7 +161,7 @@ def test_sigkill_in_the_middle_of_a_write_keeps_previous_checkpoint(tmp_path: Pa
     proc.wait(timeout=30)
     found = CheckpointStore(url).latest_valid()
     assert found is not None and found[0] == first
-    CheckpointStore(url).remove_uncommitted()
+    CheckpointStore(url).remove_uncommitted(older_than_s=0)
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(
         [first.name, first.name + ".commit.json"]
     )
