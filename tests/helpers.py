@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -84,6 +85,29 @@ def run_until_done(
             f"attempt {len(runs)} exited {run.returncode}:\n{run.output[-3000:]}"
         )
     raise AssertionError(f"not finished after {max_attempts} attempts:\n{runs[-1].output[-3000:]}")
+
+
+EXAMPLE = REPO / "examples" / "mnist" / "mnist.py"
+
+
+def run_example(folder: Path, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """The MNIST example run directly (no launcher), in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(EXAMPLE), *args]
+    return subprocess.run(cmd, cwd=folder, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def grid(home: Path, *argv: str, timeout: float = 600, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    """``lightning-grid ARGV...`` as a user runs it, with its state under ``home``."""
+    env = child_env(LIGHTNING_GRID_HOME=str(home), **env_extra)
+    cmd = [sys.executable, "-m", "lightning_grid.cli", *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def grid_status(home: Path, name: str, **env_extra: str) -> dict:
+    proc = grid(home, "status", name, "--json", **env_extra)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def max_abs_diff(a_path: Path, b_path: Path) -> float:

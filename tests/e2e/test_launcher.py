@@ -15,7 +15,7 @@ import pytest
 
 from lightning_grid import Experiment, Status
 from lightning_grid.cli import main
-from tests.helpers import TRAIN, assert_bit_identical, child_env
+from tests.helpers import TRAIN, assert_bit_identical, child_env, grid, grid_status
 
 # A non-Lightning script made resumable through the env contract: its progress lives in the
 # execution directory, which the launcher saves and restores.
@@ -56,9 +56,7 @@ def _script(folder: Path, name: str, text: str) -> Path:
 
 
 def _launch(home: Path, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = child_env(LIGHTNING_GRID_HOME=str(home))
-    cmd = [sys.executable, "-m", "lightning_grid.cli", *argv]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return grid(home, *argv, timeout=timeout)
 
 
 def _background_run(home: Path, *argv: str, started: str | None = "starts at") -> subprocess.Popen[str]:
@@ -77,9 +75,7 @@ def _background_run(home: Path, *argv: str, started: str | None = "starts at") -
 
 
 def _status(home: Path, name: str) -> dict:
-    proc = _launch(home, "status", name, "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return grid_status(home, name)
 
 
 def test_three_preemptions_of_an_unmodified_lightning_script_end_bit_identical(
@@ -134,12 +130,12 @@ def test_resumable_plain_script_and_the_report(tmp_path: Path, home: Path) -> No
         "--name",
         "count",
         "--simulate-preemptions",
-        "0.8,0.8",
+        "1.5,1.5",
         str(script),
-        "30",
+        "40",
     )
     assert proc.returncode == 0, proc.stderr
-    assert "finished 30" in proc.stdout
+    assert "finished 40" in proc.stdout
     info = _status(home, "count")
     assert info["status"] == "succeeded" and info["restarts"] == 2
     assert [a["outcome"] for a in info["attempts"]] == ["preempted", "preempted", "succeeded"]
@@ -361,7 +357,7 @@ def test_failure_during_an_interruption_uses_the_failure_budget(tmp_path: Path, 
         "--retries",
         "1",
         "--simulate-preemptions",
-        "1,1",
+        "2.5,2.5",
         "--name",
         "bx",
         str(script),

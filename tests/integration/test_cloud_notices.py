@@ -27,7 +27,7 @@ from lightning_grid.launcher.notices import (
     GCPPreemptionNotices,
     cloud_notices,
 )
-from tests.helpers import child_env
+from tests.helpers import child_env, grid, grid_status
 
 
 class Metadata:
@@ -225,11 +225,9 @@ def test_launcher_acts_on_an_aws_notice(tmp_path: Path, metadata: Metadata) -> N
     metadata.preempt_after = time.monotonic() + 1.0
     metadata.withdraw_after_serving = True
     home = tmp_path / "home"
-    env = child_env(LIGHTNING_GRID_HOME=str(home), LIGHTNING_GRID_AWS_METADATA_URL=metadata.url)
-    run = [
-        sys.executable,
-        "-m",
-        "lightning_grid.cli",
+    aws = {"LIGHTNING_GRID_AWS_METADATA_URL": metadata.url}
+    proc = grid(
+        home,
         "run",
         "--use_spot",
         "--resumable",
@@ -238,18 +236,11 @@ def test_launcher_acts_on_an_aws_notice(tmp_path: Path, metadata: Metadata) -> N
         "--name",
         "aws1",
         str(script),
-    ]
-    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
-    err = proc.stderr
-    assert proc.returncode == 0, err
-    info = json.loads(
-        subprocess.run(
-            [sys.executable, "-m", "lightning_grid.cli", "status", "aws1", "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-        ).stdout
+        timeout=120,
+        **aws,
     )
+    assert proc.returncode == 0, proc.stderr
+    info = grid_status(home, "aws1")
     assert [a["outcome"] for a in info["attempts"]] == ["preempted", "succeeded"]
     reasons = " ".join(e["reason"] for e in info["events"])
     assert (

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from lightning_grid.resumable import rng
-from tests.helpers import assert_bit_identical, child_env, run_until_done
+from tests.helpers import (
+    EXAMPLE,
+    assert_bit_identical,
+    child_env,
+    grid,
+    grid_status,
+    run_example,
+    run_until_done,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -49,13 +57,6 @@ def test_gpu_resume_is_bit_identical(precision: str, tmp_path: Path, mnist_dir: 
 
 
 def test_mnist_example_on_gpu_preempted_twice_under_the_launcher(tmp_path: Path) -> None:
-    import json
-    import subprocess
-    import sys
-
-    from tests.helpers import REPO
-
-    example = REPO / "examples" / "mnist" / "mnist.py"
     args = [
         "--synthetic",
         "--epochs",
@@ -69,63 +70,27 @@ def test_mnist_example_on_gpu_preempted_twice_under_the_launcher(tmp_path: Path)
         "w.pt",
     ]
     plain_dir = tmp_path / "plain"
-    plain_dir.mkdir()
-    plain = subprocess.run(
-        [sys.executable, str(example), *args],
-        cwd=plain_dir,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    plain = run_example(plain_dir, args)
     assert plain.returncode == 0, plain.stderr[-3000:]
-    env = child_env(LIGHTNING_GRID_HOME=str(tmp_path / "home"))
-    run = [
-        sys.executable,
-        "-m",
-        "lightning_grid.cli",
-        "run",
-        "--use_spot",
-        "--resumable",
-        "--instance_type",
-        "g4dn.xlarge",
-    ]
-    run += ["--name", "gpu", "--simulate-preemptions", "8,8", str(example), *args]
-    launched = subprocess.run(run, env=env, capture_output=True, text=True, timeout=900)
+    home = tmp_path / "home"
+    run = ["run", "--use_spot", "--resumable", "--instance_type", "g4dn.xlarge", "--name", "gpu"]
+    launched = grid(home, *run, "--simulate-preemptions", "8,8", str(EXAMPLE), *args, timeout=900)
     assert launched.returncode == 0, launched.stderr[-3000:]
-    info = json.loads(
-        subprocess.run(
-            [sys.executable, "-m", "lightning_grid.cli", "status", "gpu", "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
+    info = grid_status(home, "gpu")
     assert info["status"] == "succeeded" and info["restarts"] == 2
-    assert_bit_identical(
-        plain_dir / "w.pt", tmp_path / "home" / "artifacts" / "gpu" / "execdir" / "files" / "w.pt"
-    )
+    assert_bit_identical(plain_dir / "w.pt", home / "artifacts" / "gpu" / "execdir" / "files" / "w.pt")
 
 
 def test_instance_type_decides_the_visible_devices(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     script = tmp_path / "p" / "devices.py"
     script.parent.mkdir()
     script.write_text(
         "import os, torch\nprint('DEVICES', os.environ.get('CUDA_VISIBLE_DEVICES'), torch.cuda.device_count())\n"
     )
-    env = child_env(LIGHTNING_GRID_HOME=str(tmp_path / "home"))
-    run = subprocess.run(
-        [sys.executable, "-m", "lightning_grid.cli", "run", "--instance_type", "g4dn.xlarge", "--name", "d", str(script)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    home = tmp_path / "home"
+    run = grid(home, "run", "--instance_type", "g4dn.xlarge", "--name", "d", str(script), timeout=300)
     assert run.returncode == 0, run.stderr
     assert "DEVICES 0 1" in run.stdout
-    too_many = subprocess.run(
-        [sys.executable, "-m", "lightning_grid.cli", "run", "--instance_type", "p4d.24xlarge", "--name", "d2", str(script)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    too_many = grid(home, "run", "--instance_type", "p4d.24xlarge", "--name", "d2", str(script), timeout=300)
     if torch.cuda.device_count() < 8:
         assert too_many.returncode == 2 and "needs 8 GPU" in too_many.stderr
