@@ -40,7 +40,7 @@ from lightning_grid.launcher.notices import (
     SimulatedPreemption,
     cloud_notices,
 )
-from lightning_grid.launcher.supervisor import run_attempt
+from lightning_grid.launcher.supervisor import attempt_env, run_attempt
 
 __all__ = ["AgentSpec", "run_agent", "read_events", "summarize", "EX_PREEMPTED"]
 
@@ -142,24 +142,20 @@ def run_agent(spec: AgentSpec) -> int:
     if shutil.which(spec.command[0]) is None and not os.path.exists(spec.command[0]):
         raise UsageError(f"command not found: {spec.command[0]}")
     base = _base(spec.artifacts, spec.name)
-    artifacts._open(base)  # a clear error for an unusable URL, before anything runs
     workdir = os.path.abspath(spec.workdir)
     os.makedirs(workdir, exist_ok=True)
     execdir_url, ckpt_url = f"{base}/execdir", f"{base}/checkpoints"
     log = EventLog(f"{base}/events.jsonl")
     attempt = sum(e["event"] == "attempt_started" for e in log.read()) + 1
     host = socket.gethostname()
-    fs, root = fsspec.core.url_to_fs(execdir_url)
-    if fs.exists(f"{root}/{artifacts.MANIFEST}"):
+    if artifacts.has_snapshot(execdir_url):
         stats = artifacts.restore(execdir_url, workdir)
         log.append("restored", attempt=attempt, host=host, detail=stats.describe())
     else:
         stats = artifacts.upload(workdir, execdir_url)
         log.append("captured", attempt=attempt, host=host, detail=stats.describe())
 
-    env = dict(os.environ)
-    env.update(Contract(resumable=True, checkpoints=ckpt_url, experiment=spec.name, attempt=attempt).to_env())
-    env["PYTHONUNBUFFERED"] = "1"
+    env = attempt_env(Contract(resumable=True, checkpoints=ckpt_url, experiment=spec.name, attempt=attempt))
     signals = LauncherSignals()
     signals.install()
     sources: list[NoticeSource] = [
@@ -188,9 +184,9 @@ def run_agent(spec: AgentSpec) -> int:
         )
     finally:
         signals.uninstall()
-    noticed_at = time.monotonic()
+    sync_started = time.monotonic()
     sync = artifacts.upload(workdir, execdir_url)
-    synced_after = (result.exit_after_sigterm_s or 0) + (time.monotonic() - noticed_at)
+    synced_after = (result.exit_after_sigterm_s or 0) + (time.monotonic() - sync_started)
     outcome = classify(result.exit_code, result.notice is not None, result.killed_after_grace, True, False)
     log.append(
         "attempt_ended",

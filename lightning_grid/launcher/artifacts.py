@@ -26,7 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning_grid._io import atomic_write_bytes, atomic_writer
 from lightning_grid.errors import StoreError, UsageError
 
-__all__ = ["SyncStats", "upload", "restore", "EXCLUDED"]
+__all__ = ["SyncStats", "has_snapshot", "upload", "restore", "EXCLUDED"]
 
 MANIFEST = "manifest.json"
 #: Never copied into or out of an execution directory: caches and environments, not results.
@@ -110,6 +110,12 @@ def _load_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[s
         return {}
     except (ValueError, KeyError) as exc:
         raise StoreError(f"the manifest at {root}/{MANIFEST} is unreadable: {exc}") from exc
+
+
+def has_snapshot(url: str) -> bool:
+    """Whether the store at ``url`` already holds an execution directory (its manifest)."""
+    fs, root = _open(url)
+    return bool(fs.exists(f"{root}/{MANIFEST}"))
 
 
 def upload(local_dir: str, url: str) -> SyncStats:

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 
 import fsspec
 import psutil
@@ -35,7 +35,7 @@ from lightning_grid.launcher.notices import (
     cloud_notices,
 )
 from lightning_grid.launcher.registry import ExperimentRow, Registry
-from lightning_grid.launcher.supervisor import run_attempt
+from lightning_grid.launcher.supervisor import attempt_env, run_attempt
 
 __all__ = ["Spec", "Engine", "parse_simulation"]
 
@@ -174,8 +174,10 @@ class Engine:
             row = self.registry.get(name)
             if row.status.is_terminal():
                 raise UsageError(f"experiment {name!r} has already ended ({row.status.value})")
-            self._wait_for_orphans(name)
-            self._repair(name)
+            if self._wait_for_orphans(name):
+                self._repair(name, "the launcher was killed; its script got SIGTERM")
+            else:
+                self._repair(name, "the previous launcher stopped after an attempt ended")
             signals = LauncherSignals()
             signals.install()
             try:
@@ -183,12 +185,13 @@ class Engine:
             finally:
                 signals.uninstall()
 
-    def _wait_for_orphans(self, name: str) -> None:
+    def _wait_for_orphans(self, name: str) -> bool:
         """A previous launcher was SIGKILLed: its script got SIGTERM (parent-death signal) and may still
-        be saving. Never run two attempts at once: wait for it, within its grace period."""
+        be saving. Never run two attempts at once: wait for it, within its grace period. Returns
+        whether there was such an attempt (now recorded as ended, its directory saved)."""
         attempts = self.registry.attempts(name)
         if not attempts or attempts[-1].ended is not None or attempts[-1].pid is None:
-            return
+            return False
         last = attempts[-1]
         with contextlib.suppress(psutil.NoSuchProcess):
             proc = psutil.Process(last.pid)
@@ -208,15 +211,7 @@ class Engine:
         exec_dir = self._attempt_dir(name, last.number)
         if os.path.isdir(exec_dir):  # what the script saved on its way out
             self._save_execdir(self.registry.get(name), last.number, exec_dir)
-        # Tell the story as it happened: the running attempt was interrupted and the experiment waited.
-        status = self.registry.get(name).status
-        if status is Status.RUNNING:
-            self.registry.transition(
-                name, Status.INTERRUPTING, "the launcher was killed; its script got SIGTERM"
-            )
-            status = Status.INTERRUPTING
-        if status is Status.INTERRUPTING:
-            self.registry.transition(name, Status.PENDING, "waiting for a launcher")
+        return True
 
     def _loop(self, row: ExperimentRow, signals: LauncherSignals) -> ExperimentRow:
         name = row.name
@@ -246,7 +241,7 @@ class Engine:
             status_now = self.registry.get(name).status
             if status_now is not Status.RUNNING:
                 self.registry.transition(name, Status.RUNNING, f"attempt {number} started")
-            result, outcome = self._attempt(row, number, exec_dir, devices, signals)
+            outcome = self._attempt(row, number, exec_dir, devices, signals)
             self._save_execdir(row, number, exec_dir)
             row = self.registry.get(name)
             decision = decide(outcome, row.restarts, row.max_restarts, row.failures, row.retries)
@@ -277,9 +272,9 @@ class Engine:
             return
         self.registry.note(row.name, f"attempt {number}: execution directory saved ({sync.describe()})")
 
-    def _repair(self, name: str) -> None:
-        """A launcher that died between an attempt's end and the status change left a live status
-        behind an ended attempt: record the interruption so the experiment can continue."""
+    def _repair(self, name: str, why: str) -> None:
+        """A launcher that died left a live status behind an ended attempt: record the interruption
+        as it happened (interrupted, then waiting) so the experiment can continue."""
         row = self.registry.get(name)
         attempts = self.registry.attempts(name)
         if (
@@ -289,38 +284,27 @@ class Engine:
         ):
             return
         if row.status is Status.RUNNING:
-            self.registry.transition(
-                name, Status.INTERRUPTING, "the previous launcher stopped after an attempt ended"
-            )
+            self.registry.transition(name, Status.INTERRUPTING, why)
         self.registry.transition(name, Status.PENDING, "waiting for a launcher")
 
     def _attempt(
         self, row: ExperimentRow, number: int, exec_dir: str, devices: str | None, signals: LauncherSignals
-    ) -> tuple[Any, Outcome]:
+    ) -> Outcome:
         name = row.name
         ckpt_url = self.checkpoints_url(row)
         contract = Contract(resumable=row.resumable, checkpoints=ckpt_url, experiment=name, attempt=number)
-        env = dict(os.environ)
-        env.update(contract.to_env())
-        if not row.resumable:
-            env.pop("LIGHTNING_GRID_RESUMABLE", None)
-        if devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = devices
-        env["PYTHONUNBUFFERED"] = "1"
+        env = attempt_env(contract, devices)
         log_path = os.path.join(self.home, "runs", name, f"attempt-{number}.log")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         simulated = row.simulate[number - 1] if row.use_spot and number - 1 < len(row.simulate) else None
         sources: list[NoticeSource] = [SimulatedPreemption(simulated), signals, *cloud_notices(row.cloud)]
-        noticed_at: list[float] = []
 
         def on_start(pid: int) -> None:
             self.registry.start_attempt(name, number, pid, log_path)
 
         def on_notice(notice: Notice) -> None:
-            noticed_at.append(time.time())
             self.registry.note(name, f"attempt {number}: notice from {notice.source}: {notice.reason}")
-            target = Status.STOPPED if notice.source == "user" else Status.INTERRUPTING
-            if target is Status.INTERRUPTING:
+            if notice.source != "user":  # a user's stop goes straight to stopped after the attempt
                 self.registry.transition(name, Status.INTERRUPTING, f"{notice.reason}; SIGTERM sent")
             self.say(f"{name}: {notice.reason}; sending SIGTERM, grace period {row.grace_period:g}s")
 
@@ -376,7 +360,7 @@ class Engine:
                 f"attempt {number}: SIGTERM {result.sigterm_after_notice_s or 0:.2f}s after the notice, exit"
                 f" {result.exit_after_sigterm_s:.2f}s after SIGTERM{used}",
             )
-        return result, outcome
+        return outcome
 
     def _finish_stop(self, row: ExperimentRow) -> None:
         if not row.status.is_terminal():

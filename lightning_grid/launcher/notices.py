@@ -99,9 +99,12 @@ class _MetadataSource:
     """Shared plumbing: rate limit, HTTP with a short timeout, log each kind of failure once."""
 
     name = "metadata"
+    DEFAULT_URL = ""
+    #: Overrides the base URL (a test server on 127.0.0.1, a metadata proxy).
+    URL_ENV = ""
 
-    def __init__(self, base_url: str, interval_s: float = 2.0, timeout_s: float = 1.0) -> None:
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, base_url: str | None = None, interval_s: float = 2.0, timeout_s: float = 1.0) -> None:
+        self.base_url = (base_url or self.DEFAULT_URL).rstrip("/")
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._last_poll = float("-inf")
@@ -148,10 +151,10 @@ class AWSSpotNotices(_MetadataSource):
     """
 
     name = "aws"
+    DEFAULT_URL = "http://169.254.169.254"
+    URL_ENV = "LIGHTNING_GRID_AWS_METADATA_URL"
 
-    def __init__(
-        self, base_url: str = "http://169.254.169.254", token_ttl_s: int = 21600, **kwargs: Any
-    ) -> None:
+    def __init__(self, base_url: str | None = None, token_ttl_s: int = 21600, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         self.token_ttl_s = token_ttl_s
         self._token: str | None = None
@@ -197,10 +200,9 @@ class GCPPreemptionNotices(_MetadataSource):
     the VM then has 30 seconds."""
 
     name = "gcp"
+    DEFAULT_URL = "http://metadata.google.internal"
+    URL_ENV = "LIGHTNING_GRID_GCP_METADATA_URL"
     WINDOW_S = 30.0
-
-    def __init__(self, base_url: str = "http://metadata.google.internal", **kwargs: Any) -> None:
-        super().__init__(base_url, **kwargs)
 
     def _check(self) -> Notice | None:
         status, body = self._request(
@@ -220,9 +222,8 @@ class AzureScheduledEvents(_MetadataSource):
     """Azure Scheduled Events: an event with ``EventType: "Preempt"`` and its ``NotBefore`` deadline."""
 
     name = "azure"
-
-    def __init__(self, base_url: str = "http://169.254.169.254", **kwargs: Any) -> None:
-        super().__init__(base_url, **kwargs)
+    DEFAULT_URL = "http://169.254.169.254"
+    URL_ENV = "LIGHTNING_GRID_AZURE_METADATA_URL"
 
     def _check(self) -> Notice | None:
         status, body = self._request(
@@ -242,17 +243,10 @@ class AzureScheduledEvents(_MetadataSource):
         return None
 
 
-CLOUDS: dict[str, Callable[..., _MetadataSource]] = {
+CLOUDS: dict[str, type[_MetadataSource]] = {
     "aws": AWSSpotNotices,
     "gcp": GCPPreemptionNotices,
     "azure": AzureScheduledEvents,
-}
-
-#: Base URLs can be pointed elsewhere (a test server on 127.0.0.1, a metadata proxy).
-BASE_URL_ENV = {
-    "aws": "LIGHTNING_GRID_AWS_METADATA_URL",
-    "gcp": "LIGHTNING_GRID_GCP_METADATA_URL",
-    "azure": "LIGHTNING_GRID_AZURE_METADATA_URL",
 }
 
 
@@ -265,9 +259,8 @@ def cloud_notices(
         return []
 
     def make(name: str) -> _MetadataSource:
-        base = env.get(BASE_URL_ENV[name])
-        kwargs: dict[str, Any] = {"interval_s": interval_s}
-        return CLOUDS[name](base, **kwargs) if base else CLOUDS[name](**kwargs)
+        cls = CLOUDS[name]
+        return cls(env.get(cls.URL_ENV), interval_s=interval_s)
 
     if cloud in CLOUDS:
         return [make(cloud)]

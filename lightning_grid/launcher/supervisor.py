@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
+from lightning_grid.contract import Contract
 from lightning_grid.launcher.notices import Notice, NoticeSource
 
-__all__ = ["AttemptResult", "run_attempt"]
+__all__ = ["AttemptResult", "attempt_env", "run_attempt"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,16 @@ class AttemptResult:
     stopped: bool
     seconds: float
     window_s: float | None = None  # time the notice allowed, from SIGTERM to SIGKILL
+
+
+def attempt_env(contract: Contract, devices: str | None = None) -> dict[str, str]:
+    """The script's environment: ours, plus the contract, plus the devices its instance type gets."""
+    env = dict(os.environ)
+    env.update(contract.to_env())
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    env["PYTHONUNBUFFERED"] = "1"  # its output reaches the log as it is written
+    return env
 
 
 def _die_with_parent() -> None:

@@ -311,10 +311,7 @@ class Resumable(Callback):
                 rng.restore(self._resume_rng)
             self._resume_rng = None
         if self._awaiting_flush:
-            # The saved batch's metrics were logged after the cut: make them durable, then commit.
-            self._flush_logs(trainer)
-            self._logs_flushed.set()
-            self._awaiting_flush = False
+            self._release_commit(trainer)
         if self._exit_after_commit:
             self._finish_preemption(trainer)
 
@@ -391,7 +388,7 @@ class Resumable(Callback):
 
     def _save(self, trainer: pl.Trainer, consumed: int, reason: str, copy_tensors: bool) -> None:
         if self._writer is not None:
-            self._logs_flushed.set()
+            self._release_commit(trainer)
             self._reap_writer()
         main_rng = rng.capture()
         mine = {
@@ -457,6 +454,14 @@ class Resumable(Callback):
                 f"saving a checkpoint to {self.store.url if self.store else '?'} failed: {error}"
             ) from error
 
+    def _release_commit(self, trainer: pl.Trainer) -> None:
+        """The saved batch's metrics were logged after the cut: make them durable, then let the
+        writer commit the checkpoint."""
+        if self._awaiting_flush:
+            self._flush_logs(trainer)
+            self._awaiting_flush = False
+        self._logs_flushed.set()
+
     def _flush_logs(self, trainer: pl.Trainer) -> None:
         for logger in trainer.loggers:
             logger.save()
@@ -491,8 +496,7 @@ class Resumable(Callback):
         if not self._active:
             return
         if self._writer is not None:
-            self._flush_logs(trainer)
-            self._logs_flushed.set()
+            self._release_commit(trainer)
             self._reap_writer()
         if trainer.is_global_zero and self.store is not None:
             # Lets a launcher tell "finished just as the notice came" from "stopped by it".
@@ -505,8 +509,7 @@ class Resumable(Callback):
             return
         if self._writer is not None:
             # Commit what was being written: it is consistent, and the logs up to it are flushed now.
-            self._flush_logs(trainer)
-            self._logs_flushed.set()
+            self._release_commit(trainer)
             try:
                 self._reap_writer()
             except LightningGridError as exc:

@@ -284,19 +284,18 @@ class ResumableLoader:
 
     # -- RNG bookkeeping ---------------------------------------------------------------------------
     def _generators(self) -> list[torch.Generator]:
-        found: dict[int, torch.Generator] = {}
-        for owner in (
+        batch_sampler = getattr(self.loader, "batch_sampler", None)
+        owners = (
             self.loader,
-            getattr(self.loader, "batch_sampler", None),
+            batch_sampler,
             getattr(self.loader, "sampler", None),
-        ):
+            getattr(batch_sampler, "sampler", None),
+        )
+        found: dict[int, torch.Generator] = {}
+        for owner in owners:
             gen = getattr(owner, "generator", None)
             if isinstance(gen, torch.Generator):
-                found[id(gen)] = gen
-        sampler = getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)
-        gen = getattr(sampler, "generator", None)
-        if isinstance(gen, torch.Generator):
-            found[id(gen)] = gen
+                found[id(gen)] = gen  # one generator shared by several owners is saved once
         return list(found.values())
 
     def _capture_sampler_rng(self) -> dict[str, Any]:

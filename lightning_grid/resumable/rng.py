@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["capture", "restore", "capture_generator", "restore_generator"]
+__all__ = ["capture", "restore"]
 
 
 def _numpy() -> Any:
@@ -64,12 +64,3 @@ def restore(state: dict[str, Any]) -> None:
     cuda_states = state.get("cuda")
     if cuda_states is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-
-
-def capture_generator(generator: torch.Generator | None) -> torch.Tensor | None:
-    return None if generator is None else generator.get_state()
-
-
-def restore_generator(generator: torch.Generator | None, state: torch.Tensor | None) -> None:
-    if generator is not None and state is not None:
-        generator.set_state(state)

@@ -32,15 +32,6 @@ def test_snapshot_survives_weights_only_serialisation() -> None:
     assert _draw() == expected
 
 
-def test_generator_states() -> None:
-    g = torch.Generator().manual_seed(3)
-    saved = rng.capture_generator(g)
-    a = torch.rand(3, generator=g)
-    rng.restore_generator(g, saved)
-    assert torch.equal(torch.rand(3, generator=g), a)
-    assert rng.capture_generator(None) is None
-
-
 def test_contract_parses_and_round_trips() -> None:
     env = {ENV_RESUMABLE: "1", ENV_CHECKPOINTS: "s3://b/x", ENV_ATTEMPT: "3"}
     contract = Contract.from_env(env)
