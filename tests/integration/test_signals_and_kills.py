@@ -126,10 +126,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path, mnist_
     assert killed.returncode == -signal.SIGKILL
     store = CheckpointStore(str(root / "resumable"))
     newest, previous = store.committed()[:2]
-    # Step 9 normally; step 6 when the step-9 write was still in flight at the kill (not committed).
-    # A save that falls due while the previous write is still running is skipped, so under load the
-    # one before it may be 3 steps or 6 steps back.
-    assert newest.step in (6, 9) and previous.step in (3, 6) and previous.step < newest.step
+    # Saves fall due every 3 steps; one that comes due while the previous write still runs is taken
+    # at the next clean batch instead, and a write in flight at the kill never commits. So the two
+    # newest are steps 6 and 9 on an idle machine, and other steps below the kill under load.
+    assert 3 <= previous.step < newest.step < 10
     payload = root / "resumable" / newest.name
     payload.write_bytes(payload.read_bytes()[:1000])  # truncated, as by a full disk
     runs = run_until_done(mnist_dir, root, out, AUG + ["--every-n-steps", "3"])
