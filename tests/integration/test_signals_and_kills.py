@@ -110,12 +110,12 @@ def test_sigkill_resumes_from_newest_periodic_checkpoint(
         "train:10:SIGKILL",
         "--kill",
         "train:23:SIGKILL",
+        "--kill-settle",
     ]
     runs = run_until_done(mnist_dir, root, out, args)
     assert [r.returncode for r in runs] == [-signal.SIGKILL, -signal.SIGKILL, 0]
-    # The second attempt resumed from a periodic checkpoint committed before the kill at step 10:
-    # step 8 on an idle machine; an earlier one when that write had not finished (it commits only
-    # once durable), or a later batch when the save fell due during the previous write.
+    # The second attempt resumed from the newest periodic checkpoint before the kill at step 10: step
+    # 8 on an idle machine, a later batch when that save fell due while the previous write still ran.
     resumed = re.search(r"\(step (\d+), periodic\)", runs[1].output)
     assert resumed is not None and 4 <= int(resumed.group(1)) < 10
     assert_bit_identical(expected, out)
@@ -125,13 +125,15 @@ def test_sigkill_resumes_from_newest_periodic_checkpoint(
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path, mnist_dir: Path, reference) -> None:
     expected = reference.get(AUG)
     root, out = tmp_path / "run", tmp_path / "w.pt"
-    killed = run_train(mnist_dir, root, out, AUG + ["--every-n-steps", "3", "--kill", "train:10:SIGKILL"])
+    killed = run_train(
+        mnist_dir, root, out, AUG + ["--every-n-steps", "3", "--kill", "train:10:SIGKILL", "--kill-settle"]
+    )
     assert killed.returncode == -signal.SIGKILL
     store = CheckpointStore(str(root / "resumable"))
     newest, previous = store.committed()[:2]
     # Saves fall due every 3 steps; one that comes due while the previous write still runs is taken
-    # at the next clean batch instead, and a write in flight at the kill never commits. So the two
-    # newest are steps 6 and 9 on an idle machine, and other steps below the kill under load.
+    # at the next clean batch instead. So the two newest are steps 6 and 9 on an idle machine, and
+    # other steps below the kill under load.
     assert 3 <= previous.step < newest.step < 10
     payload = root / "resumable" / newest.name
     payload.write_bytes(payload.read_bytes()[:1000])  # truncated, as by a full disk

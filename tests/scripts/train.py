@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import sys
+import threading
 
 import lightning.pytorch as pl
 import numpy as np
@@ -63,6 +64,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--kill-rank", type=int, default=0, help="the rank that sends itself the --kill signals")
+    p.add_argument(
+        "--kill-settle",
+        action="store_true",
+        help="before a SIGKILL, let the checkpoint writes already started finish, so which checkpoints "
+        "exist at the kill does not depend on the machine's load (a kill in the middle of a write is "
+        "tested on its own)",
+    )
     p.add_argument("--announce", action="store_true", help="print STEP <global_step> at every batch start")
     p.add_argument("--wide", type=int, default=32, help="hidden width (a bigger model, a bigger checkpoint)")
     return p.parse_args()
@@ -210,9 +218,12 @@ class KillAt(pl.Callback):
     An optional third/fourth field names the signal (default SIGTERM), e.g. ``train:9:SIGKILL``.
     """
 
-    def __init__(self, specs: list[str], root: str, rank: int = 0) -> None:
+    def __init__(self, specs: list[str], root: str, rank: int = 0, settle: bool = False) -> None:
         self.root = root
         self.rank = rank
+        self.settle = settle
+        self._writers_seen: list[threading.Thread] = []
+        self._released_writers: list[threading.Thread] = []
         self.specs = [s.split(":") for s in specs]
         self.fired: set[int] = set()
 
@@ -226,6 +237,9 @@ class KillAt(pl.Callback):
         self.fired.add(index)
         os.makedirs(self.root, exist_ok=True)
         open(marker, "w").close()
+        if self.settle and sig == "SIGKILL":
+            for thread in self._released_writers:
+                thread.join(timeout=120)
         os.kill(os.getpid(), getattr(signal, sig))
 
     def _sig(self, spec: list[str], n: int) -> str:
@@ -235,6 +249,11 @@ class KillAt(pl.Callback):
         self._trainer = trainer
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # A writer alive at the previous batch start was started at an earlier batch end, and Resumable
+        # (the last callback) has since let it commit; one started at the last batch end may still be
+        # waiting for Resumable's next hook, so waiting for it here would never end.
+        self._released_writers = self._writers_seen
+        self._writers_seen = [t for t in threading.enumerate() if t.name == "lightning_grid-checkpoint"]
         for i, spec in enumerate(self.specs):
             if spec[0] == "train" and trainer.global_step == int(spec[1]):
                 self._fire(i, self._sig(spec, 2))
@@ -262,7 +281,9 @@ def main() -> int:
     args = parse()
     pl.seed_everything(args.seed, workers=False, verbose=False)
     model = Net(args)
-    callbacks: list[pl.Callback] = [KillAt(args.kill, args.root, args.kill_rank)] if args.kill else []
+    callbacks: list[pl.Callback] = (
+        [KillAt(args.kill, args.root, args.kill_rank, args.kill_settle)] if args.kill else []
+    )
     if args.announce:
         callbacks.append(Announce())
     logger: object
