@@ -268,6 +268,21 @@ def stop(name: str) -> None:
     click.echo(f"{row.name}: {row.status.value}")
 
 
+@cli.command()
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Any address but loopback needs the printed token."
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port."
+)
+def ui(host: str, port: int) -> None:
+    """A web dashboard over the registry: experiments, timelines, logs, a stop button (extra: ui)."""
+    from lightning_grid.contract import default_home
+    from lightning_grid.ui import serve  # lazily: the web stack is an optional extra
+
+    serve(default_home(), host, port)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         result = cli.main(args=argv, prog_name="lightning-grid", standalone_mode=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from lightning_grid.launcher import instances
@@ -11,6 +12,7 @@ __all__ = ["describe"]
 
 
 def _spans(events: list[Any], start_status: str, end_statuses: set[str]) -> float:
+    """Seconds spent in ``start_status``; a span still open (waiting right now) counts up to now."""
     total, opened = 0.0, None
     for event in events:
         if event.to_status == start_status:
@@ -18,6 +20,8 @@ def _spans(events: list[Any], start_status: str, end_statuses: set[str]) -> floa
         elif opened is not None and event.to_status in end_statuses:
             total += event.time - opened
             opened = None
+    if opened is not None:
+        total += max(0.0, time.time() - opened)
     return total
 
 
@@ -57,6 +61,7 @@ def describe(registry: Registry, name: str) -> dict[str, Any]:
                 "reason": a.reason,
                 "notice_at": a.notice_at,
                 "checkpoint_step": a.checkpoint_step,
+                "steps_redone": a.steps_redone,
             }
             for a in attempts
         ],
@@ -69,9 +74,12 @@ def describe(registry: Registry, name: str) -> dict[str, Any]:
             "seconds_pending": round(pending, 3),
             "seconds_saving_after_notice": round(saving, 3),
             "seconds_restoring": round(restoring, 3),
-            # An orderly preemption checkpoints the step in flight: nothing is redone. After a SIGKILL
-            # the launcher cannot know how far the script got past its last periodic checkpoint.
-            "steps_redone": None if any(a.outcome == "killed" for a in attempts) else 0,
+            # An orderly preemption checkpoints the step in flight: nothing is redone, unless no save
+            # fitted the notice's window. After a SIGKILL the launcher cannot know how far the
+            # script got past its last periodic checkpoint.
+            "steps_redone": None
+            if any(a.outcome == "killed" for a in attempts)
+            else sum(a.steps_redone or 0 for a in attempts),
             "cost_usd": round(hours * price, 4),
             "cost_on_demand_usd": round(hours * instance.on_demand, 4),
             "cost_spot_usd": round(hours * instance.spot, 4),
