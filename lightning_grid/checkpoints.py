@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,6 +69,28 @@ class CommitRecord:
             reason=str(raw.get("reason", "periodic")),
             meta=dict(raw.get("meta", {})),
         )
+
+
+class _OutOfTime(Exception):
+    """A copy that would end after its deadline: abandoned, never committed."""
+
+
+@contextlib.contextmanager
+def _zip_crc32(enabled: bool) -> Iterator[None]:
+    """torch.save with or without the zip CRC-32 of each record (torch >= 2.5 can skip it)."""
+    config: Any = None
+    if not enabled:
+        with contextlib.suppress(ImportError):
+            from torch.utils.serialization import config
+    if config is None or not hasattr(config.save, "compute_crc32"):
+        yield
+        return
+    previous = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = previous
 
 
 class CheckpointStore:
@@ -133,20 +156,27 @@ class CheckpointStore:
         import torch  # here, not at import: the launcher reads markers without loading torch
 
         name = f"ckpt-{step:010d}-{time.time_ns() // 1_000_000}{_PAYLOAD_SUFFIX}"
-        if self.is_local:
-            with atomic_writer(self._path(name)) as handle:
-                writer = HashingWriter(handle)
-                torch.save(checkpoint, writer)  # type: ignore[arg-type]
-            digest, size = writer.sha256, writer.size
-        else:
-            digest, size = self._save_remote(checkpoint, name)
+        started = time.monotonic()
+        upload_s = 0.0
+        # The sha256 in the commit record guards the payload, so zip's CRC-32 (half a second per GB)
+        # is skipped while the training thread waits for this write (a preemption): nobody else
+        # saves with torch in the meantime, and torch.load does not check it.
+        with _zip_crc32(enabled=reason != "preempted"):
+            if self.is_local:
+                with atomic_writer(self._path(name)) as handle, HashingWriter(handle) as writer:
+                    torch.save(checkpoint, writer)  # type: ignore[arg-type]
+                digest, size = writer.sha256, writer.size
+            else:
+                digest, size, upload_s = self._save_remote(checkpoint, name)
         if before_commit is not None:
             before_commit()
-        record = CommitRecord(name, step, digest, size, time.time(), reason, dict(meta or {}))
+        # How long this save took is what a launcher weighs against the next notice's window.
+        timings = {"write_s": round(time.monotonic() - started - upload_s, 4), "upload_s": round(upload_s, 4)}
+        record = CommitRecord(name, step, digest, size, time.time(), reason, {**(meta or {}), **timings})
         self._write_small(name + _COMMIT_SUFFIX, record.to_json())
         return record
 
-    def _save_remote(self, checkpoint: Any, name: str) -> tuple[str, int]:
+    def _save_remote(self, checkpoint: Any, name: str) -> tuple[str, int, float]:
         # Serialise to a local spool file first, so that a failed upload can be retried without
         # touching the (still changing) training state, and the bytes survive if the store does not come back.
         import torch
@@ -154,12 +184,65 @@ class CheckpointStore:
         spool = self._spool_dir or os.path.join(tempfile.gettempdir(), "lightning_grid_spool")
         os.makedirs(spool, exist_ok=True)
         local = os.path.join(spool, name)
-        with atomic_writer(local) as handle:
-            writer = HashingWriter(handle)
+        with atomic_writer(local) as handle, HashingWriter(handle) as writer:
             torch.save(checkpoint, writer)  # type: ignore[arg-type]
+        started = time.monotonic()
         self._with_retries(lambda: self.fs.put_file(local, self._path(name)), f"upload {name}", keep=local)
         os.unlink(local)
-        return writer.sha256, writer.size
+        return writer.sha256, writer.size, time.monotonic() - started
+
+    def publish(self, source: CheckpointStore, record: CommitRecord, deadline: float | None = None) -> bool:
+        """Copy a checkpoint committed in ``source`` (a local spool) here, and commit it here.
+
+        The commit record goes last and only if the payload arrived whole before ``deadline``
+        (monotonic): a copy cut short is never a resume point. Returns whether it was committed."""
+        src = source._path(record.name)
+        if os.path.getsize(src) != record.size:
+            raise CorruptCheckpointError(f"spooled checkpoint {src} does not match its commit record")
+
+        def in_time() -> bool:
+            return deadline is None or time.monotonic() < deadline
+
+        started = time.monotonic()
+        if not in_time():
+            return False
+        if self.is_local:
+            try:
+                with open(src, "rb") as handle, atomic_writer(self._path(record.name)) as out:
+                    while chunk := handle.read(8 << 20):
+                        if not in_time():
+                            raise _OutOfTime
+                        out.write(chunk)
+            except _OutOfTime:
+                return False
+        else:
+            # An object store upload cannot be cut short cleanly: it runs aside, and is simply not
+            # committed when it ends after the deadline.
+            failed: list[BaseException] = []
+
+            def send() -> None:
+                try:
+                    self._with_retries(
+                        lambda: self.fs.put_file(src, self._path(record.name)), f"upload {record.name}"
+                    )
+                except BaseException as exc:  # reported on the caller's thread
+                    failed.append(exc)
+
+            upload = threading.Thread(target=send, name="lightning_grid-publish", daemon=True)
+            upload.start()
+            upload.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if upload.is_alive():
+                return False
+            if failed:
+                raise failed[0]
+        if not in_time():
+            return False
+        meta = {**record.meta, "upload_s": round(time.monotonic() - started, 4)}
+        committed = CommitRecord(
+            record.name, record.step, record.sha256, record.size, time.time(), record.reason, meta
+        )
+        self._write_small(record.name + _COMMIT_SUFFIX, committed.to_json())
+        return True
 
     def _write_small(self, name: str, data: bytes) -> None:
         if self.is_local:

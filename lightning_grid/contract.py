@@ -16,6 +16,7 @@ __all__ = [
     "ENV_EXPERIMENT",
     "ENV_ATTEMPT",
     "ENV_HOME",
+    "ENV_NOTICE",
     "Contract",
     "default_home",
 ]
@@ -29,6 +30,9 @@ ENV_CHECKPOINTS = "LIGHTNING_GRID_CHECKPOINTS"
 ENV_EXPERIMENT = "LIGHTNING_GRID_EXPERIMENT"
 #: 1-based attempt number; > 1 means this process is a relaunch after an interruption.
 ENV_ATTEMPT = "LIGHTNING_GRID_ATTEMPT"
+#: Path of the file the launcher writes at a notice, before its SIGTERM: how to save in the time
+#: left (see :mod:`lightning_grid.shutdown`). Absent or missing: save in full.
+ENV_NOTICE = "LIGHTNING_GRID_NOTICE"
 #: Root of lightning-grid's persistent state (registry, default artifact store).
 ENV_HOME = "LIGHTNING_GRID_HOME"
 
@@ -48,6 +52,7 @@ class Contract:
     checkpoints: str | None = None
     experiment: str | None = None
     attempt: int = 1
+    notice_file: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Contract:
@@ -62,6 +67,7 @@ class Contract:
             checkpoints=env.get(ENV_CHECKPOINTS) or None,
             experiment=env.get(ENV_EXPERIMENT) or None,
             attempt=attempt,
+            notice_file=env.get(ENV_NOTICE) or None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -71,4 +77,6 @@ class Contract:
             env[ENV_CHECKPOINTS] = self.checkpoints
         if self.experiment:
             env[ENV_EXPERIMENT] = self.experiment
+        if self.notice_file:
+            env[ENV_NOTICE] = self.notice_file
         return env

@@ -29,6 +29,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from lightning_grid._io import atomic_write_bytes
+from lightning_grid.checkpoints import CheckpointStore
 from lightning_grid.contract import Contract
 from lightning_grid.errors import StoreError, UsageError
 from lightning_grid.launcher import artifacts
@@ -41,6 +42,7 @@ from lightning_grid.launcher.notices import (
     cloud_notices,
 )
 from lightning_grid.launcher.supervisor import attempt_env, run_attempt
+from lightning_grid.launcher.window import ShutdownWindow
 
 __all__ = ["AgentSpec", "run_agent", "read_events", "summarize", "EX_PREEMPTED"]
 
@@ -146,7 +148,8 @@ def run_agent(spec: AgentSpec) -> int:
     os.makedirs(workdir, exist_ok=True)
     execdir_url, ckpt_url = f"{base}/execdir", f"{base}/checkpoints"
     log = EventLog(f"{base}/events.jsonl")
-    attempt = sum(e["event"] == "attempt_started" for e in log.read()) + 1
+    history = log.read()
+    attempt = sum(e["event"] == "attempt_started" for e in history) + 1
     host = socket.gethostname()
     if artifacts.has_snapshot(execdir_url):
         stats = artifacts.restore(execdir_url, workdir)
@@ -155,7 +158,23 @@ def run_agent(spec: AgentSpec) -> int:
         stats = artifacts.upload(workdir, execdir_url)
         log.append("captured", attempt=attempt, host=host, detail=stats.describe())
 
-    env = attempt_env(Contract(resumable=True, checkpoints=ckpt_url, experiment=spec.name, attempt=attempt))
+    # Our own files live in the workdir's .lightning_grid folder, which is never synced.
+    private = os.path.join(workdir, ".lightning_grid")
+    previous_sync = [e.get("sync_s") for e in history if e["event"] == "attempt_ended"]
+    window = ShutdownWindow(
+        CheckpointStore(ckpt_url),
+        notice_path=os.path.join(private, f"notice-{attempt}.json"),
+        spool_dir=os.path.join(private, f"spool-{attempt}"),
+        sync_s=float(previous_sync[-1] or 0.0) if previous_sync else 0.0,
+    )
+    contract = Contract(
+        resumable=True,
+        checkpoints=ckpt_url,
+        experiment=spec.name,
+        attempt=attempt,
+        notice_file=window.notice_path,
+    )
+    env = attempt_env(contract)
     signals = LauncherSignals()
     signals.install()
     sources: list[NoticeSource] = [
@@ -166,8 +185,17 @@ def run_agent(spec: AgentSpec) -> int:
     log_path = os.path.join(workdir, f".lightning_grid-attempt-{attempt}.log")
     log.append("attempt_started", attempt=attempt, host=host, command=spec.command)
 
-    def on_notice(notice: Notice) -> None:
-        log.append("notice", attempt=attempt, source=notice.source, reason=notice.reason)
+    def on_notice(notice: Notice, window_s: float) -> None:
+        plan = window.plan(window_s)
+        log.append(
+            "notice",
+            attempt=attempt,
+            source=notice.source,
+            reason=notice.reason,
+            window_s=window_s,
+            plan=plan.plan.value,
+            plan_reason=plan.reason,
+        )
         print(f"lightning-grid agent: {notice.reason}; sending SIGTERM", file=sys.stderr, flush=True)
 
     try:
@@ -185,6 +213,9 @@ def run_agent(spec: AgentSpec) -> int:
     finally:
         signals.uninstall()
     sync_started = time.monotonic()
+    published = window.publish()
+    if published is not None:
+        log.append("checkpoint_published", attempt=attempt, host=host, detail=published)
     sync = artifacts.upload(workdir, execdir_url)
     synced_after = (result.exit_after_sigterm_s or 0) + (time.monotonic() - sync_started)
     outcome = classify(result.exit_code, result.notice is not None, result.killed_after_grace, True, False)
@@ -199,6 +230,7 @@ def run_agent(spec: AgentSpec) -> int:
         seconds_to_exit=result.exit_after_sigterm_s,
         seconds_to_synced=synced_after if result.notice else None,
         sync=sync.describe(),
+        sync_s=round(sync.seconds, 3),
     )
     if outcome is Outcome.SUCCEEDED:
         return 0

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 import psutil
@@ -36,6 +36,7 @@ from lightning_grid.launcher.notices import (
 )
 from lightning_grid.launcher.registry import ExperimentRow, Registry
 from lightning_grid.launcher.supervisor import attempt_env, run_attempt
+from lightning_grid.launcher.window import ShutdownWindow
 
 __all__ = ["Spec", "Engine", "parse_simulation"]
 
@@ -82,6 +83,7 @@ class Engine:
         self.registry = Registry(self.home)
         self.echo = echo
         self.out = out or sys.stderr
+        self._sync_s: dict[str, float] = {}  # the last execution-directory sync, per experiment
 
     def say(self, message: str) -> None:
         print(f"lightning-grid: {message}", file=self.out, flush=True)
@@ -126,7 +128,7 @@ class Engine:
         with self._lock(name):
             # The execution directory starts as a copy of the script's folder, kept in the store;
             # captured before the experiment exists, so a failed capture leaves nothing half-made.
-            stats = artifacts.upload(row.source_dir, self._execdir_url(row))
+            stats = artifacts.upload(row.source_dir, self.execdir_url(row))
             self.registry.create(row)
             self.registry.note(
                 name, f"execution directory captured from {row.source_dir}: {stats.describe()}"
@@ -146,7 +148,7 @@ class Engine:
 
     # -- paths -------------------------------------------------------------------------------------
     @staticmethod
-    def _execdir_url(row: ExperimentRow) -> str:
+    def execdir_url(row: ExperimentRow) -> str:
         return f"{row.artifacts}/execdir"
 
     @staticmethod
@@ -236,7 +238,7 @@ class Engine:
                 self.registry.transition(name, Status.RESTORING, f"restoring for attempt {number}")
             exec_dir = self._attempt_dir(name, number)
             shutil.rmtree(exec_dir, ignore_errors=True)
-            stats = artifacts.restore(self._execdir_url(row), exec_dir)
+            stats = artifacts.restore(self.execdir_url(row), exec_dir)
             self.registry.note(name, f"attempt {number}: execution directory restored ({stats.describe()})")
             status_now = self.registry.get(name).status
             if status_now is not Status.RUNNING:
@@ -265,11 +267,12 @@ class Engine:
     def _save_execdir(self, row: ExperimentRow, number: int, exec_dir: str) -> None:
         """Sync an attempt's directory; a store that fails here is an event, not a stuck experiment."""
         try:
-            sync = artifacts.upload(exec_dir, self._execdir_url(row))
+            sync = artifacts.upload(exec_dir, self.execdir_url(row))
         except LightningGridError as exc:
             self.registry.note(row.name, f"attempt {number}: saving the execution directory failed: {exc}")
             self.say(f"warning: {exc}")
             return
+        self._sync_s[row.name] = sync.seconds
         self.registry.note(row.name, f"attempt {number}: execution directory saved ({sync.describe()})")
 
     def _repair(self, name: str, why: str) -> None:
@@ -292,23 +295,39 @@ class Engine:
     ) -> Outcome:
         name = row.name
         ckpt_url = self.checkpoints_url(row)
-        contract = Contract(resumable=row.resumable, checkpoints=ckpt_url, experiment=name, attempt=number)
+        run_dir = os.path.join(self.home, "runs", name)
+        log_path = os.path.join(run_dir, f"attempt-{number}.log")
+        os.makedirs(run_dir, exist_ok=True)
+        store = CheckpointStore(ckpt_url)
+        window = ShutdownWindow(
+            store,
+            notice_path=os.path.join(run_dir, f"attempt-{number}.notice.json"),
+            spool_dir=os.path.join(run_dir, f"spool-{number}"),
+            sync_s=self._sync_s.get(name, 0.0),
+        )
+        contract = Contract(
+            resumable=row.resumable,
+            checkpoints=ckpt_url,
+            experiment=name,
+            attempt=number,
+            notice_file=window.notice_path,
+        )
         env = attempt_env(contract, devices)
-        log_path = os.path.join(self.home, "runs", name, f"attempt-{number}.log")
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
         simulated = row.simulate[number - 1] if row.use_spot and number - 1 < len(row.simulate) else None
         sources: list[NoticeSource] = [SimulatedPreemption(simulated), signals, *cloud_notices(row.cloud)]
 
         def on_start(pid: int) -> None:
             self.registry.start_attempt(name, number, pid, log_path)
 
-        def on_notice(notice: Notice) -> None:
+        def on_notice(notice: Notice, window_s: float) -> None:
             self.registry.note(name, f"attempt {number}: notice from {notice.source}: {notice.reason}")
+            plan = window.plan(window_s) if row.resumable else None
+            if plan is not None:
+                self.registry.note(name, f"attempt {number}: shutdown plan {plan.plan.value}: {plan.reason}")
             if notice.source != "user":  # a user's stop goes straight to stopped after the attempt
                 self.registry.transition(name, Status.INTERRUPTING, f"{notice.reason}; SIGTERM sent")
-            self.say(f"{name}: {notice.reason}; sending SIGTERM, grace period {row.grace_period:g}s")
+            self.say(f"{name}: {notice.reason}; sending SIGTERM, {window_s:g}s until SIGKILL")
 
-        store = CheckpointStore(ckpt_url)
         store.clear_marker()
         store.clear_marker(COMPLETED_MARKER)
         result = run_attempt(
@@ -323,6 +342,9 @@ class Engine:
             on_notice=on_notice,
             echo=self.echo,
         )
+        published = window.publish()
+        if published is not None:
+            self.registry.note(name, f"attempt {number}: {published}")
         marker = store.read_marker()
         noticed = result.notice is not None and result.notice.source != "user"
         if noticed and result.exit_code == 0 and marker is None and store.read_marker(COMPLETED_MARKER):
@@ -332,13 +354,16 @@ class Engine:
         )
         reason = outcome.value
         if outcome is Outcome.PREEMPTED:
-            reason = (
-                f"preempted; checkpoint at step {marker['step']}"
-                if marker
-                else "preempted; exited 0 (no checkpoint marker)"
-            )
+            redo = _steps_redone(outcome, marker)
+            if marker is None:
+                reason = "preempted; exited 0 (no checkpoint marker)"
+            elif redo:
+                reason = f"preempted; no new save fitted, kept the checkpoint at step {marker['step']} ({redo} steps to redo)"
+            else:
+                reason = f"preempted; checkpoint at step {marker['step']}"
         elif outcome is Outcome.KILLED:
-            reason = f"no exit within the {row.grace_period:g}s grace period: SIGKILL"
+            allowed = result.window_s if result.window_s is not None else row.grace_period
+            reason = f"no exit within the {allowed:.3g}s the notice allowed: SIGKILL"
         elif outcome is Outcome.FAILED:
             reason = f"exited {result.exit_code}"
         self.registry.update_attempt(
@@ -350,6 +375,7 @@ class Engine:
             reason=reason,
             notice_at=result.notice_at,
             checkpoint_step=marker["step"] if marker else None,
+            steps_redone=_steps_redone(outcome, marker),
         )
         if result.exit_after_sigterm_s is not None:
             used = ""
@@ -381,6 +407,14 @@ class Engine:
             while time.monotonic() < deadline and not self.registry.get(name).status.is_terminal():
                 time.sleep(0.2)
         return self.registry.get(name)
+
+
+def _steps_redone(outcome: Outcome, marker: dict[str, Any] | None) -> int | None:
+    """Steps the next attempt computes again: none after a full save; those since the checkpoint
+    kept when no new save fitted the notice's window; unknown after a SIGKILL."""
+    if outcome is not Outcome.PREEMPTED or marker is None:
+        return None
+    return max(0, int(marker.get("left_at", marker["step"])) - int(marker["step"]))
 
 
 def _gpu_count() -> int:

@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     notice_at REAL,
     checkpoint_step INTEGER,
     log_path TEXT NOT NULL,
+    steps_redone INTEGER,
     PRIMARY KEY (name, number)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -106,6 +107,7 @@ class AttemptRow:
     notice_at: float | None
     checkpoint_step: int | None
     log_path: str
+    steps_redone: int | None = None  # steps after the checkpoint resumed from; None: unknown
 
 
 @dataclass
@@ -124,6 +126,9 @@ class Registry:
         self.path = os.path.join(home, "registry.db")
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(attempts)")}
+            if "steps_redone" not in columns:  # a registry from before the column existed
+                db.execute("ALTER TABLE attempts ADD COLUMN steps_redone INTEGER")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -34,7 +34,7 @@ class AttemptResult:
     killed_after_grace: bool
     stopped: bool
     seconds: float
-    window_s: float | None = None  # time the notice allowed, from SIGTERM to SIGKILL
+    window_s: float | None = None  # time the notice allowed, from the notice to SIGKILL
 
 
 def attempt_env(contract: Contract, devices: str | None = None) -> dict[str, str]:
@@ -94,7 +94,7 @@ def run_attempt(
     grace_period: float,
     stop_requested: Callable[[], bool],
     on_start: Callable[[int], None],
-    on_notice: Callable[[Notice], None],
+    on_notice: Callable[[Notice, float], None],
     echo: bool = True,
     poll_s: float = 0.1,
     clock: Callable[[], float] = time.monotonic,
@@ -132,13 +132,13 @@ def run_attempt(
                     notice = Notice("user", "stopped by the user")
                 if notice is not None:
                     notice_mono, notice_wall = clock(), time.time()
-                    on_notice(notice)
-                    _signal_group(proc, signal.SIGTERM)
-                    sigterm_mono = clock()
                     window = grace_period
                     if notice.deadline is not None:
-                        window = max(0.0, min(window, notice.deadline - clock()))
-                    deadline = sigterm_mono + window
+                        window = max(0.0, min(window, notice.deadline - notice_mono))
+                    on_notice(notice, window)
+                    _signal_group(proc, signal.SIGTERM)
+                    sigterm_mono = clock()
+                    deadline = notice_mono + window
             elif deadline is not None and clock() >= deadline and not killed:
                 _signal_group(proc, signal.SIGKILL)
                 killed = True

@@ -38,6 +38,7 @@ from lightning_grid.errors import CheckpointMismatchError, LightningGridError
 from lightning_grid.resumable import _lightning, rng
 from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable, shield_workers
 from lightning_grid.resumable.signals import SignalFlag
+from lightning_grid.shutdown import Plan, ShutdownNotice, read_notice
 
 __all__ = ["Resumable", "Preempted"]
 
@@ -164,6 +165,10 @@ class Resumable(Callback):
         self._val_iterated = False
         self._cancel_val_worker_seed = False
         self._rng_before_val: dict[str, Any] | None = None
+        self._plan: ShutdownNotice | None = None
+        self._spool: CheckpointStore | None = None
+        self._spooled: CommitRecord | None = None
+        self._cut_any = False  # a checkpoint was cut in this fit (on every rank; rank 0 writes it)
         self._flag.received = None
 
     def _resolve_url(self, trainer: pl.Trainer) -> str:
@@ -331,15 +336,41 @@ class Resumable(Callback):
         signalled, due, busy = self._agree(
             trainer, bool(self._flag), self._periodic_due(trainer), self._writer is not None
         )
+        plan = None
+        if signalled:
+            plan = self._plan = self._plan or self._shutdown_plan()
+        if plan is not None and plan.plan is Plan.KEEP:
+            # Nothing new is saved, so any batch end will do: leave at the next batch start.
+            self._flag.set()
+            self._exit_after_commit = True
+            return
         if not (signalled or due) or not self._is_clean_cut(trainer, batch_idx):
             return
-        if signalled:
+        if plan is not None:
             self._flag.set()
+            spool = plan.spool if plan.plan is Plan.LOCAL else None
             # Training stops here, so the live tensors can be written without a copy.
-            self._save(trainer, batch_idx + 1, reason="preempted", copy_tensors=False)
+            self._save(trainer, batch_idx + 1, reason="preempted", copy_tensors=False, spool=spool)
             self._exit_after_commit = True
         elif not busy:
             self._save(trainer, batch_idx + 1, reason="periodic", copy_tensors=True)
+
+    def _shutdown_plan(self) -> ShutdownNotice:
+        """What the launcher said fits the notice's window (a full save when nobody said anything,
+        and whenever there is no committed checkpoint to keep instead)."""
+        notice = read_notice(Contract.from_env().notice_file)
+        if notice is None or (notice.plan is Plan.KEEP and not self._has_fallback()):
+            return ShutdownNotice(Plan.FULL, deadline=0.0, window_s=0.0)
+        if notice.plan is Plan.LOCAL and not notice.spool:
+            return ShutdownNotice(Plan.FULL, deadline=notice.deadline, window_s=notice.window_s)
+        if notice.plan is not Plan.FULL:
+            log.info("lightning_grid: %s", notice.reason or f"shutdown plan: {notice.plan.value}")
+        return notice
+
+    def _has_fallback(self) -> bool:
+        """Whether a run that saves nothing more still has a checkpoint to resume from (a write in
+        flight commits before the exit). The same answer on every rank: only rank 0 writes."""
+        return self._cut_any or self.resumed_from is not None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_iterated = True
@@ -386,10 +417,13 @@ class Resumable(Callback):
         # loader position, so resuming from them never pretends to be exact.
         return self._state_for_dump or {}
 
-    def _save(self, trainer: pl.Trainer, consumed: int, reason: str, copy_tensors: bool) -> None:
+    def _save(
+        self, trainer: pl.Trainer, consumed: int, reason: str, copy_tensors: bool, spool: str | None = None
+    ) -> None:
         if self._writer is not None:
             self._release_commit(trainer)
             self._reap_writer()
+        started = time.monotonic()
         main_rng = rng.capture()
         mine = {
             "rng": main_rng,
@@ -407,6 +441,7 @@ class Resumable(Callback):
         step = trainer.global_step
         self._last_save_step = step
         self._last_save_time = time.monotonic()
+        self._cut_any = True
         self._awaiting_flush = True
         if not trainer.is_global_zero:
             return
@@ -419,22 +454,35 @@ class Resumable(Callback):
             "epoch": trainer.current_epoch,
             "batch_in_epoch": consumed,
             "logged_step": mine["logged_step"],
+            "dump_s": round(time.monotonic() - started, 4),
         }
+        store = self.store
+        if spool is not None:
+            # A folder on this machine's disk: the launcher uploads from it after the exit.
+            store = self._spool = CheckpointStore(spool)
         self._writer = threading.Thread(
             target=self._write,
-            args=(checkpoint, step, reason, meta),
+            args=(store, checkpoint, step, reason, meta),
             name="lightning_grid-checkpoint",
             daemon=True,
         )
         self._writer.start()
 
-    def _write(self, checkpoint: dict[str, Any], step: int, reason: str, meta: dict[str, Any]) -> None:
-        assert self.store is not None
+    def _write(
+        self,
+        store: CheckpointStore,
+        checkpoint: dict[str, Any],
+        step: int,
+        reason: str,
+        meta: dict[str, Any],
+    ) -> None:
         try:
-            self.last_commit = self.store.save(
-                checkpoint, step, reason=reason, meta=meta, before_commit=self._wait_for_logs
-            )
-            self.store.prune(self.keep)
+            record = store.save(checkpoint, step, reason=reason, meta=meta, before_commit=self._wait_for_logs)
+            if store is self.store:
+                self.last_commit = record
+                store.prune(self.keep)
+            else:
+                self._spooled = record
         except BaseException as exc:  # reported on the training thread
             self._write_error = exc
 
@@ -469,27 +517,38 @@ class Resumable(Callback):
 
     def _finish_preemption(self, trainer: pl.Trainer) -> None:
         self._reap_writer()
-        step = trainer.global_step
-        if trainer.is_global_zero and self.store is not None and self.last_commit is not None:
+        plan = self._plan.plan if self._plan is not None else Plan.FULL
+        signal_name = self._flag.received.name if self._flag.received else "SIGTERM"
+        # The marker goes beside the checkpoint it names: the spool for a local save, which the
+        # launcher publishes together with it.
+        store, record = self.store, self.last_commit
+        if plan is Plan.LOCAL:
+            store, record = self._spool, self._spooled
+        elif plan is Plan.KEEP:
+            record = self.last_commit or self.resumed_from
+        if trainer.is_global_zero and store is not None and record is not None:
             contract = Contract.from_env()
-            self.store.write_marker(
+            store.write_marker(
                 {
-                    "step": step,
-                    "checkpoint": self.last_commit.name,
-                    "signal": self._flag.received.name if self._flag.received else "SIGTERM",
+                    "step": record.step,
+                    "left_at": trainer.global_step,
+                    "checkpoint": record.name,
+                    "plan": plan.value,
+                    "signal": signal_name,
                     "time": time.time(),
                     "experiment": contract.experiment,
                     "attempt": contract.attempt,
                 }
             )
-            log.info(
-                "lightning_grid: %s received; checkpoint at step %d committed to %s; exiting with status 0",
-                self._flag.received.name if self._flag.received else "signal",
-                step,
-                self.store.location(self.last_commit.name),
-            )
+            where = store.location(record.name)
+            what = {
+                Plan.FULL: f"checkpoint at step {record.step} committed to {where}",
+                Plan.LOCAL: f"checkpoint at step {record.step} written to {where} for the launcher to upload",
+                Plan.KEEP: f"nothing new saved (no time); the checkpoint at step {record.step} ({where}) stays",
+            }[plan]
+            log.info("lightning_grid: %s received; %s; exiting with status 0", signal_name, what)
         trainer.strategy.barrier("lightning_grid.preempted")
-        raise Preempted(step)
+        raise Preempted(trainer.global_step)
 
     # -- the end -----------------------------------------------------------------------------------
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -145,10 +145,9 @@ def checkpoints(url: str) -> Listing:
 
 def artifact_files(row: ExperimentRow) -> Listing:
     """The execution directory as the artifact store's manifest records it (what a relaunch restores)."""
-    url = Engine._execdir_url(row)
+    url = Engine.execdir_url(row)
     try:
-        fs, root = artifacts._open(url)
-        manifest = artifacts._load_manifest(fs, root)
+        manifest = artifacts.manifest(url)
     except Exception as exc:  # a remote store that is down, an unreadable manifest
         return Listing([], error=f"cannot read {url}: {exc}")
     items = [

@@ -202,7 +202,7 @@ def test_no_exit_within_grace_period_is_killed_then_resumed(tmp_path: Path, home
     info = _status(home, "g")
     assert [a["outcome"] for a in info["attempts"]] == ["killed", "succeeded"]
     assert info["attempts"][0]["exit_code"] == -signal.SIGKILL
-    assert "grace period" in info["attempts"][0]["reason"] and info["bill"]["steps_redone"] is None
+    assert "the notice allowed" in info["attempts"][0]["reason"] and info["bill"]["steps_redone"] is None
 
 
 @pytest.mark.parametrize(

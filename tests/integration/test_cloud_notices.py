@@ -41,6 +41,7 @@ class Metadata:
         self.token_requests = 0
         self.preempt_after: float | None = None  # monotonic time at which "preempt" turns on
         self.withdraw_after_serving = False  # the next machine gets no notice
+        self.notice_window_s = 120  # AWS's two minutes between the notice and the termination
 
     def preempted(self) -> bool:
         return self.preempt or (self.preempt_after is not None and time.monotonic() >= self.preempt_after)
@@ -81,7 +82,9 @@ def _handler(state: Metadata) -> type[BaseHTTPRequestHandler]:
                         return self._send(404)
                     if state.withdraw_after_serving:
                         state.preempt_after = None
-                    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
+                    when = time.strftime(
+                        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + state.notice_window_s)
+                    )
                     return self._send(
                         200, json.dumps({"action": "terminate", "time": when}).encode(), "application/json"
                     )
@@ -316,3 +319,60 @@ def test_agent_on_two_machines_resumes_bit_identical(
     assert info["status"] == "succeeded" and info["restarts"] == 1
     assert [a["outcome"] for a in info["attempts"]] == ["preempted", "succeeded"]
     assert info["attempts"][0]["seconds_to_synced"] is not None
+
+
+@pytest.mark.slow
+def test_launcher_keeps_the_periodic_checkpoint_when_no_save_fits_the_notice(
+    tmp_path: Path, metadata: Metadata, mnist_dir: Path, reference
+) -> None:
+    """Saves take ~2.5 s (a slow state gather) and the notice leaves ~4 s: a new save plus the exit
+    would not fit, so the script leaves at once and the last periodic checkpoint is the resume point."""
+    from tests.helpers import TRAIN, assert_bit_identical
+
+    options = ["--aug", "--dropout", "0.2", "--max-steps", "18"]
+    expected = reference.get(options)
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "train.py").write_text(TRAIN.read_text())
+    slow = ["--every-n-steps", "6", "--slow-save", "2.5", "--step-sleep", "0.6", "--announce"]
+    # The script sets its own periodic saves: Resumable(every_n_train_steps=6) in the script itself.
+    args = [
+        "--mode",
+        "callback",
+        "--data-dir",
+        str(mnist_dir),
+        "--root",
+        "run",
+        "--out",
+        "w.pt",
+        *options,
+        *slow,
+    ]
+    metadata.notice_window_s = 4
+    metadata.withdraw_after_serving = True
+    home = tmp_path / "home"
+    env = child_env(LIGHTNING_GRID_HOME=str(home), LIGHTNING_GRID_AWS_METADATA_URL=metadata.url)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "lightning_grid.cli", "run", "--use_spot", "--resumable", "--cloud", "aws"]
+        + ["--name", "tight", str(project / "train.py"), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert launcher.stdout is not None
+    output = []
+    for line in launcher.stdout:
+        output.append(line)
+        if line.strip() == "STEP 7":  # the save at step 6 is done; the next one is 6 steps away
+            metadata.preempt_after = time.monotonic()
+            break
+    output.extend(launcher.stdout)
+    assert launcher.wait(timeout=300) == 0, "".join(output)[-3000:]
+    info = grid_status(home, "tight")
+    assert [a["outcome"] for a in info["attempts"]] == ["preempted", "succeeded"]
+    first = info["attempts"][0]
+    assert first["checkpoint_step"] == 6 and first["steps_redone"] >= 1
+    assert info["bill"]["steps_redone"] == first["steps_redone"]
+    assert f"kept the checkpoint at step 6 ({first['steps_redone']} steps to redo)" in first["reason"]
+    reasons = " ".join(e["reason"] for e in info["events"])
+    assert "shutdown plan keep" in reasons and "the checkpoint at step 6 stays the resume point" in reasons
+    assert "nothing new saved" in "".join(output)
+    assert_bit_identical(expected, home / "artifacts" / "tight" / "execdir" / "files" / "w.pt")

@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import threading
+import time
 
 import lightning.pytorch as pl
 import numpy as np
@@ -70,6 +71,12 @@ def parse() -> argparse.Namespace:
         help="before a SIGKILL, let the checkpoint writes already started finish, so which checkpoints "
         "exist at the kill does not depend on the machine's load (a kill in the middle of a write is "
         "tested on its own)",
+    )
+    p.add_argument(
+        "--slow-save",
+        type=float,
+        default=0.0,
+        help="seconds a callback spends in on_save_checkpoint (a slow state gather, e.g. a big model)",
     )
     p.add_argument("--announce", action="store_true", help="print STEP <global_step> at every batch start")
     p.add_argument("--wide", type=int, default=32, help="hidden width (a bigger model, a bigger checkpoint)")
@@ -208,6 +215,16 @@ class Announce(pl.Callback):
             print(f"STEP {trainer.global_step}", flush=True)
 
 
+class SlowSave(pl.Callback):
+    """Makes every checkpoint take longer to cut, as gathering a large state does."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        time.sleep(self.seconds)
+
+
 class KillAt(pl.Callback):
     """Sends this process a real signal at a chosen point. Specs:
 
@@ -286,6 +303,8 @@ def main() -> int:
     )
     if args.announce:
         callbacks.append(Announce())
+    if args.slow_save:
+        callbacks.append(SlowSave(args.slow_save))
     logger: object
     if args.logger == "csv":
         logger = CSVLogger(args.root, name="logs", version=args.logger_version)
