@@ -6,7 +6,8 @@
                  │  └──▶ failed            (non-zero exit, no notice; or a budget is spent)
                  ▼
             interrupting ─(exit 0 + checkpoint, resumable)─▶ pending ─▶ restoring ─▶ running ...
-                 └──────(not resumable / exit≠0)──────────▶ failed
+                 ├──────(not resumable / exit≠0)──────────▶ failed
+                 └──────(training finished first)─────────▶ succeeded
        any live status ─(lightning-grid stop)─▶ stopped
 """
 
@@ -39,7 +40,8 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.RUNNING: frozenset(
         {Status.SUCCEEDED, Status.FAILED, Status.INTERRUPTING, Status.RESTORING, Status.STOPPED}
     ),
-    Status.INTERRUPTING: frozenset({Status.PENDING, Status.FAILED, Status.STOPPED}),
+    # A notice in the last steps: the script may finish training before it acts on the SIGTERM.
+    Status.INTERRUPTING: frozenset({Status.PENDING, Status.SUCCEEDED, Status.FAILED, Status.STOPPED}),
     Status.PENDING: frozenset({Status.RESTORING, Status.FAILED, Status.STOPPED}),
     Status.RESTORING: frozenset({Status.RUNNING, Status.FAILED, Status.STOPPED}),
     Status.SUCCEEDED: frozenset(),

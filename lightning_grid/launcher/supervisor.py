@@ -98,7 +98,11 @@ def run_attempt(
     echo: bool = True,
     poll_s: float = 0.1,
     clock: Callable[[], float] = time.monotonic,
+    stop_check_s: float = 1.0,
 ) -> AttemptResult:
+    """Run one attempt to its end. Notices are polled every ``poll_s`` (sources rate-limit their own
+    network calls); a stop request, which means opening the registry, once every ``stop_check_s``:
+    an idle launcher then costs a fraction of a percent of a core."""
     started = clock()
     start_offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     with open(log_path, "ab") as log:
@@ -121,11 +125,14 @@ def run_attempt(
     killed = stopped = False
     deadline = None
     window = None
+    next_stop_check = started
     try:
         on_start(proc.pid)
         while proc.poll() is None:
             if notice is None:
-                stopped = stop_requested()
+                if clock() >= next_stop_check:
+                    stopped = stop_requested()
+                    next_stop_check = clock() + stop_check_s
                 for source in notices:
                     notice = notice or source.poll()
                 if stopped and notice is None:

@@ -366,3 +366,39 @@ def test_failure_during_an_interruption_uses_the_failure_budget(tmp_path: Path, 
     info = _status(home, "bx")
     assert info["status"] == "failed" and info["failures"] == 1 and info["restarts"] == 0
     assert [a["outcome"] for a in info["attempts"]] == ["failed", "failed"]
+
+
+def test_training_that_finishes_before_acting_on_the_notice_succeeds(tmp_path: Path, home: Path) -> None:
+    """A notice in the last steps: the script completes training (Resumable then leaves its
+    COMPLETED marker) and exits 0 before it would have saved for the SIGTERM: a success, not a crash
+    of the launcher on the interrupting → succeeded transition."""
+    finishing = textwrap.dedent(
+        """
+        import json, os, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # busy with the last steps
+        print("up", flush=True)
+        time.sleep(2.0)
+        folder = os.environ["LIGHTNING_GRID_CHECKPOINTS"]
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "COMPLETED.json"), "w") as handle:
+            json.dump({"step": 30, "time": time.time()}, handle)
+        print("finished", flush=True)
+        """
+    )
+    script = _script(tmp_path / "p", "finishing.py", finishing)
+    proc = _launch(
+        home,
+        "run",
+        "--use_spot",
+        "--resumable",
+        "--simulate-preemptions",
+        "0.5",
+        "--name",
+        "fin",
+        str(script),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = _status(home, "fin")
+    assert info["status"] == "succeeded" and info["restarts"] == 0
+    assert [a["outcome"] for a in info["attempts"]] == ["succeeded"]
+    assert [e["to"] for e in info["events"] if e["to"]][-2:] == ["interrupting", "succeeded"]

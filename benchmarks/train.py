@@ -1,0 +1,217 @@
+"""The one training script every benchmark runs: an ordinary Lightning script, data in memory.
+
+``--mode plain`` never imports lightning_grid (the reference); ``--mode callback`` adds
+``Resumable`` explicitly; ``--mode env`` relies on the callbacks-factory entry point only (as under
+``lightning-grid run --resumable``).
+
+The model is an MLP (``--hidden``) plus, with ``--state-mb``, one extra parameter sized so that the
+model and its SGD-momentum state together take that many megabytes: the checkpoint then has that
+size while a step stays cheap (a real model of that size would also touch every byte per step).
+
+Lines printed for the harness (each flushed as it happens, ``time.monotonic()`` is system-wide):
+
+* ``STEP <global_step> <t>`` at every training batch start (``--announce``);
+* ``DONE <global_step> <t>`` after every optimizer step (``--announce``);
+* ``TRAINING <global_step> <t>`` when training starts (or resumes);
+* ``THROUGHPUT <steps/s> <steps/CPU-s>`` over the steps after ``--warmup`` (``--max-steps`` ends the run);
+* ``TRACE <label> <t>`` at the points of a preemption's exit path (``--trace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import sys
+import time
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=["plain", "callback", "env"], default="callback")
+    p.add_argument("--root", required=True, help="default_root_dir (checkpoints go to <root>/resumable)")
+    p.add_argument("--features", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--state-mb", type=float, default=0.0, help="model + optimizer state, in MB (1e6)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=int, default=1000, help="training batches per epoch")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--warmup", type=int, default=20, help="steps before the throughput clock starts")
+    p.add_argument("--every-n-steps", type=int, default=None, help="Resumable periodic saves")
+    p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--announce", action="store_true")
+    p.add_argument("--trace", action="store_true")
+    p.add_argument("--logger", choices=["csv", "none"], default="csv")
+    p.add_argument("--seed", type=int, default=1234)
+    return p.parse_args(argv)
+
+
+def say(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+class Synthetic(Dataset):
+    """``batches * batch_size`` samples; a fixed table of 4096 random rows, indexed modulo its size."""
+
+    def __init__(self, length: int, features: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(4096, features, generator=gen)
+        self.y = torch.randint(0, 10, (4096,), generator=gen)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i % 4096], self.y[i % 4096]
+
+
+class Net(pl.LightningModule):
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.args = args
+        self.core = nn.Sequential(
+            nn.Linear(args.features, args.hidden),
+            nn.ReLU(),
+            nn.Linear(args.hidden, args.hidden),
+            nn.ReLU(),
+            nn.Linear(args.hidden, 10),
+        )
+        core = sum(p.numel() for p in self.core.parameters())
+        # Parameters and their momentum buffers: 2 × 4 bytes per element.
+        extra = max(0, int(args.state_mb * 1e6 / 8) - core)
+        self.bulk = nn.Parameter(torch.empty(extra).uniform_(-1, 1)) if extra else None
+
+    def training_step(self, batch, batch_idx):
+        if self.args.step_sleep:
+            time.sleep(self.args.step_sleep)
+        x, y = batch
+        loss = F.cross_entropy(self.core(x), y)
+        if self.bulk is not None:
+            loss = loss + 1e-9 * self.bulk.mean()
+        self.log("train_loss", loss, on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class Harness(pl.Callback):
+    """Announces steps and measures steady-state throughput."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.t0: float | None = None
+        self.c0 = 0.0
+        self.n0 = 0
+
+    def on_train_start(self, trainer, pl_module):
+        say("TRAINING", trainer.global_step, time.monotonic())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.args.announce:
+            say("STEP", trainer.global_step, time.monotonic())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.args.announce:
+            say("DONE", step, time.monotonic())
+        if step == self.args.warmup:
+            self.t0, self.c0, self.n0 = time.perf_counter(), time.process_time(), step
+
+    def on_train_end(self, trainer, pl_module):
+        if self.t0 is not None and trainer.global_step > self.n0:
+            steps = trainer.global_step - self.n0
+            # Per second of wall time, and per second of this process's CPU time (all its threads):
+            # the second one does not move when other programs share the machine.
+            say(
+                "THROUGHPUT", steps / (time.perf_counter() - self.t0), steps / (time.process_time() - self.c0)
+            )
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.args.trace:
+            say("TRACE on_exception", time.monotonic(), type(exception).__name__)
+
+
+def _install_trace() -> None:
+    """Print a timestamp at each stage of the exit path (wraps product functions; benchmark only)."""
+    from lightning_grid import checkpoints
+    from lightning_grid.resumable import callback, signals
+
+    def wrap(owner: object, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def traced(*a, **k):
+            say("TRACE", f"{label}:start", time.monotonic())
+            try:
+                return original(*a, **k)
+            finally:
+                say("TRACE", f"{label}:end", time.monotonic())
+
+        setattr(owner, name, traced)
+
+    handler = signals.SignalFlag._handler
+
+    def on_signal(self, signum, frame):
+        say("TRACE", "signal", time.monotonic())
+        handler(self, signum, frame)
+
+    signals.SignalFlag._handler = on_signal  # type: ignore[method-assign]
+    wrap(callback._lightning, "dump_checkpoint", "dump_checkpoint")
+    wrap(callback.Resumable, "_save", "save_on_training_thread")
+    wrap(torch, "save", "torch.save")
+    wrap(checkpoints.CheckpointStore, "save", "store.save")
+    wrap(checkpoints.CheckpointStore, "_write_small", "write_small")
+    wrap(callback.Resumable, "_release_commit", "release_commit(log flush)")
+    wrap(callback.Resumable, "_reap_writer", "reap_writer")
+    wrap(callback.Resumable, "_finish_preemption", "finish_preemption")
+    wrap(callback.Resumable, "teardown", "teardown")
+    atexit.register(lambda: say("TRACE", "atexit", time.monotonic()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    pl.seed_everything(args.seed, verbose=False)
+    model = Net(args)
+    harness = Harness(args)
+    callbacks: list[pl.Callback] = [harness]
+    if args.trace:
+        _install_trace()
+    if args.mode == "callback":
+        from lightning_grid import Resumable
+
+        callbacks.append(Resumable(every_n_train_steps=args.every_n_steps))
+    elif args.every_n_steps is not None:
+        os.environ.setdefault("LIGHTNING_GRID_EVERY_N_STEPS", str(args.every_n_steps))
+    trainer = pl.Trainer(
+        default_root_dir=args.root,
+        max_epochs=args.epochs,
+        max_steps=args.max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(args.root, name="logs") if args.logger == "csv" else False,
+        log_every_n_steps=10,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    loader = DataLoader(
+        Synthetic(args.batches * args.batch_size, args.features), batch_size=args.batch_size, shuffle=True
+    )
+    trainer.fit(model, loader)
+    say("FINISHED", trainer.global_step, time.monotonic())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
