@@ -36,7 +36,9 @@ def _first_step(root: str, settings: Settings, expect_resume: bool) -> float:
 
 
 def _make_checkpoint(root: str, settings: Settings, percent: int) -> tuple[int, float]:
-    step = max(1, settings.resume_batches * percent // 100 - 1)
+    # The epoch's last batches are never a clean cut (the checkpoint would land after the epoch),
+    # so the signal needs room to arrive before them: small epochs are cut a little earlier.
+    step = max(1, min(settings.resume_batches * percent // 100 - 1, settings.resume_batches - 12))
     proc = Proc(train_cmd(root, *_args(settings)))
     proc.wait_for(step_at_least("STEP", step))
     sent = proc.signal(SIGTERM)
