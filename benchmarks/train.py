@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
         callbacks.append(Resumable(every_n_train_steps=args.every_n_steps))
     elif args.every_n_steps is not None:
-        os.environ.setdefault("LIGHTNING_GRID_EVERY_N_STEPS", str(args.every_n_steps))
+        os.environ.setdefault("LIGHTNING_GRID_EVERY_N_TRAIN_STEPS", str(args.every_n_steps))
     trainer = pl.Trainer(
         default_root_dir=args.root,
         max_epochs=args.epochs,

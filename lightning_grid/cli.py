@@ -77,6 +77,22 @@ def cli() -> None:
     show_default=True,
     help="Watch this cloud's metadata service for spot interruption notices (auto: ask each).",
 )
+@click.option(
+    "--every_n_train_steps",
+    "--every-n-train-steps",
+    "every_n_train_steps",
+    type=int,
+    default=None,
+    help="With --resumable: also checkpoint every N optimizer steps (survives SIGKILL; no script change).",
+)
+@click.option(
+    "--every_n_seconds",
+    "--every-n-seconds",
+    "every_n_seconds",
+    type=float,
+    default=None,
+    help="With --resumable: also checkpoint every T seconds of training.",
+)
 @click.option("--resume", "resume", default=None, metavar="NAME", help="Continue a pending experiment.")
 @click.argument("script", required=False)
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
@@ -91,6 +107,8 @@ def run(
     simulate: str | None,
     grace_period: float,
     cloud: str,
+    every_n_train_steps: int | None,
+    every_n_seconds: float | None,
     resume: str | None,
     script: str | None,
     script_args: tuple[str, ...],
@@ -108,6 +126,7 @@ def run(
             script=script, args=list(script_args), name=name, resumable=resumable, use_spot=use_spot,
             instance_type=instance_type, max_restarts=max_restarts, retries=retries, artifacts=artifacts,
             simulate_preemptions=parse_simulation(simulate), grace_period=grace_period, cloud=cloud,
+            every_n_train_steps=every_n_train_steps, every_n_seconds=every_n_seconds,
         )  # fmt: skip
         submitted = engine.submit(spec)
         engine.say(f"experiment {submitted.name} submitted")

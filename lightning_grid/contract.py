@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "ENV_RESUMABLE",
@@ -17,6 +18,8 @@ __all__ = [
     "ENV_ATTEMPT",
     "ENV_HOME",
     "ENV_NOTICE",
+    "ENV_EVERY_N_TRAIN_STEPS",
+    "ENV_EVERY_N_SECONDS",
     "Contract",
     "default_home",
 ]
@@ -33,6 +36,11 @@ ENV_ATTEMPT = "LIGHTNING_GRID_ATTEMPT"
 #: Path of the file the launcher writes at a notice, before its SIGTERM: how to save in the time
 #: left (see :mod:`lightning_grid.shutdown`). Absent or missing: save in full.
 ENV_NOTICE = "LIGHTNING_GRID_NOTICE"
+#: Periodic saves for the Resumable the launcher adds (``run --every-n-train-steps/--every-n-seconds``),
+#: so that a script that never imports us also survives a SIGKILL, and a notice too short for a new
+#: save has a recent checkpoint to keep.
+ENV_EVERY_N_TRAIN_STEPS = "LIGHTNING_GRID_EVERY_N_TRAIN_STEPS"
+ENV_EVERY_N_SECONDS = "LIGHTNING_GRID_EVERY_N_SECONDS"
 #: Root of lightning-grid's persistent state (registry, default artifact store).
 ENV_HOME = "LIGHTNING_GRID_HOME"
 
@@ -53,6 +61,8 @@ class Contract:
     experiment: str | None = None
     attempt: int = 1
     notice_file: str | None = None
+    every_n_train_steps: int | None = None
+    every_n_seconds: float | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Contract:
@@ -68,6 +78,8 @@ class Contract:
             experiment=env.get(ENV_EXPERIMENT) or None,
             attempt=attempt,
             notice_file=env.get(ENV_NOTICE) or None,
+            every_n_train_steps=_positive(env.get(ENV_EVERY_N_TRAIN_STEPS), int),
+            every_n_seconds=_positive(env.get(ENV_EVERY_N_SECONDS), float),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -79,4 +91,17 @@ class Contract:
             env[ENV_EXPERIMENT] = self.experiment
         if self.notice_file:
             env[ENV_NOTICE] = self.notice_file
+        if self.every_n_train_steps:
+            env[ENV_EVERY_N_TRAIN_STEPS] = str(self.every_n_train_steps)
+        if self.every_n_seconds:
+            env[ENV_EVERY_N_SECONDS] = repr(self.every_n_seconds)
         return env
+
+
+def _positive(raw: str | None, kind: type[int] | type[float]) -> Any:
+    """A positive number, or None: a garbled value must not stop training (Resumable would refuse it)."""
+    try:
+        value = kind(raw) if raw else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None

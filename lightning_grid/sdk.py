@@ -34,6 +34,8 @@ class Experiment:
         simulate_preemptions: Sequence[float] = (),
         grace_period: float = 120.0,
         cloud: str = "none",
+        every_n_train_steps: int | None = None,
+        every_n_seconds: float | None = None,
         home: str | None = None,
         echo: bool = True,
     ) -> None:
@@ -42,6 +44,7 @@ class Experiment:
             script=script, args=list(args), name=name, resumable=resumable, use_spot=use_spot,
             instance_type=instance_type, max_restarts=max_restarts, retries=retries, artifacts=artifacts,
             simulate_preemptions=list(simulate_preemptions), grace_period=grace_period, cloud=cloud,
+            every_n_train_steps=every_n_train_steps, every_n_seconds=every_n_seconds,
         )  # fmt: skip
         self.name: str | None = name
 

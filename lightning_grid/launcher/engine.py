@@ -61,6 +61,8 @@ class Spec:
     simulate_preemptions: list[float] = field(default_factory=list)
     grace_period: float = 120.0
     cloud: str = "none"  # where interruption notices come from: aws, gcp, azure, auto, none
+    every_n_train_steps: int | None = None  # periodic saves, for scripts that do not add Resumable
+    every_n_seconds: float | None = None
 
 
 def parse_simulation(text: str | None) -> list[float]:
@@ -105,6 +107,10 @@ class Engine:
             raise UsageError(f"unknown --cloud {spec.cloud!r}; choose aws, gcp, azure, auto or none")
         if spec.grace_period <= 0:
             raise UsageError(f"--grace-period must be > 0 seconds, got {spec.grace_period}")
+        if spec.every_n_train_steps is not None and spec.every_n_train_steps < 1:
+            raise UsageError(f"--every-n-train-steps must be >= 1, got {spec.every_n_train_steps}")
+        if spec.every_n_seconds is not None and spec.every_n_seconds <= 0:
+            raise UsageError(f"--every-n-seconds must be > 0, got {spec.every_n_seconds}")
         name = spec.name or self._generate_name()
         if not _NAME.match(name):
             raise UsageError(f"invalid experiment name {name!r}: letters, digits, '.', '_', '-' (max 64)")
@@ -124,6 +130,7 @@ class Engine:
             use_spot=spec.use_spot, instance_type=instance.name, max_restarts=spec.max_restarts,
             retries=spec.retries, grace_period=spec.grace_period, simulate=list(spec.simulate_preemptions),
             cloud=spec.cloud, restarts=0, failures=0, reason="", stop_requested=False, created=now, updated=now,
+            every_n_train_steps=spec.every_n_train_steps, every_n_seconds=spec.every_n_seconds,
         )  # fmt: skip
         with self._lock(name):
             # The execution directory starts as a copy of the script's folder, kept in the store;
@@ -311,6 +318,8 @@ class Engine:
             experiment=name,
             attempt=number,
             notice_file=window.notice_path,
+            every_n_train_steps=row.every_n_train_steps,
+            every_n_seconds=row.every_n_seconds,
         )
         env = attempt_env(contract, devices)
         simulated = row.simulate[number - 1] if row.use_spot and number - 1 < len(row.simulate) else None

@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     grace_period REAL NOT NULL,
     simulate TEXT NOT NULL,
     cloud TEXT NOT NULL DEFAULT 'none',
+    every_n_train_steps INTEGER,
+    every_n_seconds REAL,
     restarts INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0,
     reason TEXT NOT NULL DEFAULT '',
@@ -70,6 +72,13 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+_ADDED_COLUMNS = (
+    ("attempts", "steps_redone", "INTEGER"),
+    ("experiments", "every_n_train_steps", "INTEGER"),
+    ("experiments", "every_n_seconds", "REAL"),
+)
+
+
 @dataclass
 class ExperimentRow:
     name: str
@@ -92,6 +101,8 @@ class ExperimentRow:
     stop_requested: bool
     created: float
     updated: float
+    every_n_train_steps: int | None = None  # periodic saves of the Resumable the launcher adds
+    every_n_seconds: float | None = None
 
 
 @dataclass
@@ -126,9 +137,10 @@ class Registry:
         self.path = os.path.join(home, "registry.db")
         with self._connect() as db:
             db.executescript(_SCHEMA)
-            columns = {r["name"] for r in db.execute("PRAGMA table_info(attempts)")}
-            if "steps_redone" not in columns:  # a registry from before the column existed
-                db.execute("ALTER TABLE attempts ADD COLUMN steps_redone INTEGER")
+            # A registry from before these columns existed gains them, empty.
+            for table, column, kind in _ADDED_COLUMNS:
+                if column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -151,12 +163,13 @@ class Registry:
                 db.execute("BEGIN IMMEDIATE")
                 db.execute(
                     "INSERT INTO experiments (name, status, script, args, source_dir, artifacts, resumable, use_spot,"
-                    " instance_type, max_restarts, retries, grace_period, simulate, cloud, created, updated)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " instance_type, max_restarts, retries, grace_period, simulate, cloud, created, updated,"
+                    " every_n_train_steps, every_n_seconds) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         row.name, row.status.value, row.script, json.dumps(row.args), row.source_dir, row.artifacts,
                         int(row.resumable), int(row.use_spot), row.instance_type, row.max_restarts, row.retries,
                         row.grace_period, json.dumps(row.simulate), row.cloud, row.created, row.updated,
+                        row.every_n_train_steps, row.every_n_seconds,
                     ),
                 )  # fmt: skip
                 db.execute(
@@ -282,4 +295,6 @@ def _experiment(r: sqlite3.Row) -> ExperimentRow:
         stop_requested=bool(r["stop_requested"]),
         created=r["created"],
         updated=r["updated"],
+        every_n_train_steps=r["every_n_train_steps"],
+        every_n_seconds=r["every_n_seconds"],
     )

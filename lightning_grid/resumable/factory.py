@@ -18,7 +18,10 @@ __all__ = ["callbacks_factory"]
 def callbacks_factory() -> list[Callback]:
     if not Contract.from_env().resumable:
         return []
-    callback = Resumable()
+    contract = Contract.from_env()
+    callback = Resumable(
+        every_n_train_steps=contract.every_n_train_steps, every_n_seconds=contract.every_n_seconds
+    )
     # Stands down in setup() when the script added its own Resumable.
     callback._from_factory = True
     return [callback]

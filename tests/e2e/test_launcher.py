@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -221,6 +222,8 @@ def test_no_exit_within_grace_period_is_killed_then_resumed(tmp_path: Path, home
         (["logs", "ghost"], "no experiment named 'ghost'"),
         (["stop", "ghost"], "no experiment named 'ghost'"),
         (["run", "--max-restarts", "many", "{script}"], "'many' is not a valid integer"),
+        (["run", "--every-n-train-steps", "0", "{script}"], "--every-n-train-steps must be >= 1, got 0"),
+        (["run", "--every-n-seconds", "-1", "{script}"], "--every-n-seconds must be > 0, got -1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -402,3 +405,33 @@ def test_training_that_finishes_before_acting_on_the_notice_succeeds(tmp_path: P
     assert info["status"] == "succeeded" and info["restarts"] == 0
     assert [a["outcome"] for a in info["attempts"]] == ["succeeded"]
     assert [e["to"] for e in info["events"] if e["to"]][-2:] == ["interrupting", "succeeded"]
+
+
+def test_periodic_saves_for_a_script_that_never_imports_us(
+    tmp_path: Path, home: Path, mnist_dir: Path, reference
+) -> None:
+    """``--every-n-train-steps`` reaches the Resumable the launcher adds: a script killed with
+    SIGKILL (no notice, no chance to save) resumes from a periodic checkpoint, bit-identically."""
+    from lightning_grid.checkpoints import CheckpointStore
+
+    options = ["--aug", "--dropout", "0.2"]
+    expected = reference.get(options)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text(TRAIN.read_text())
+    args = ["--mode", "env", "--data-dir", str(mnist_dir), "--root", "run", "--out", "weights.pt", *options]
+    args += ["--kill", "train:10:SIGKILL", "--kill-settle"]  # the marker lives in the execution directory
+    proc = _launch(
+        home, "run", "--resumable", "--retries", "1", "--every-n-train-steps", "4", "--name", "hard",
+        str(project / "train.py"), *args,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = _status(home, "hard")
+    assert [a["exit_code"] for a in info["attempts"]] == [-9, 0]
+    log = (home / "runs" / "hard" / "attempt-2.log").read_text()
+    assert re.search(r"resuming from .* \(step ([4-9]), periodic\)", log), log[-2000:]
+    reasons = {
+        r.reason for r in CheckpointStore(str(home / "artifacts" / "hard" / "checkpoints")).committed()
+    }
+    assert reasons == {"periodic"}
+    assert_bit_identical(expected, home / "artifacts" / "hard" / "execdir" / "files" / "weights.pt")

@@ -6,7 +6,14 @@ import random
 import numpy as np
 import torch
 
-from lightning_grid.contract import ENV_ATTEMPT, ENV_CHECKPOINTS, ENV_RESUMABLE, Contract
+from lightning_grid.contract import (
+    ENV_ATTEMPT,
+    ENV_CHECKPOINTS,
+    ENV_EVERY_N_SECONDS,
+    ENV_EVERY_N_TRAIN_STEPS,
+    ENV_RESUMABLE,
+    Contract,
+)
 from lightning_grid.resumable import rng
 
 
@@ -39,3 +46,10 @@ def test_contract_parses_and_round_trips() -> None:
     assert Contract.from_env(contract.to_env()) == contract
     assert Contract.from_env({ENV_ATTEMPT: "junk"}).attempt == 1
     assert Contract.from_env({ENV_RESUMABLE: "no"}).resumable is False
+    periodic = Contract(resumable=True, every_n_train_steps=50, every_n_seconds=1.5)
+    assert Contract.from_env(periodic.to_env()) == periodic
+    garbled = {ENV_EVERY_N_TRAIN_STEPS: "often", ENV_EVERY_N_SECONDS: "-3"}
+    assert (Contract.from_env(garbled).every_n_train_steps, Contract.from_env(garbled).every_n_seconds) == (
+        None,
+        None,
+    )
