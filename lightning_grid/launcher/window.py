@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ log = logging.getLogger("lightning_grid")
 
 #: Commit records weighed: the slowest of the last few saves, not the luckiest.
 _HISTORY = 3
+#: How long the save history may take to read at a notice, before the SIGTERM goes out regardless.
+HISTORY_TIMEOUT_S = 2.0
 
 
 def estimate_from(records: list[CommitRecord], sync_s: float = 0.0) -> SaveEstimate:
@@ -47,11 +50,7 @@ class ShutdownWindow:
 
     def plan(self, window_s: float | None) -> ShutdownNotice:
         """Choose what fits and write it where the script will look, before the SIGTERM."""
-        try:
-            records = self.store.committed()
-        except Exception as exc:  # an unreachable store must not delay the SIGTERM
-            log.warning("lightning-grid: cannot read the save history (%s); saving in full", exc)
-            records = []
+        records = self._history()
         plan, reason = plan_shutdown(window_s, estimate_from(records, self.sync_s))
         self.notice = ShutdownNotice(
             plan=plan,
@@ -62,6 +61,24 @@ class ShutdownWindow:
         )
         write_notice(self.notice_path, self.notice)
         return self.notice
+
+    def _history(self) -> list[CommitRecord]:
+        """The store's commit records, or none if it does not answer promptly: a slow or unreachable
+        store must not delay the SIGTERM (a full save is then the plan)."""
+        found: list[list[CommitRecord]] = []
+
+        def read() -> None:
+            try:
+                found.append(self.store.committed())
+            except Exception as exc:  # any backend error: no history
+                log.warning("lightning-grid: cannot read the save history (%s); saving in full", exc)
+
+        reader = threading.Thread(target=read, name="lightning_grid-history", daemon=True)
+        reader.start()
+        reader.join(HISTORY_TIMEOUT_S)
+        if not found and reader.is_alive():
+            log.warning("lightning-grid: the store did not answer in %gs; saving in full", HISTORY_TIMEOUT_S)
+        return found[0] if found else []
 
     def publish(self) -> str | None:
         """After the exit: upload a checkpoint the script saved locally, if it arrives in time.

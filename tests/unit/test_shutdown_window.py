@@ -149,3 +149,25 @@ def test_window_plans_from_the_store_and_tells_the_script(tmp_path: Path) -> Non
     assert read_notice(window.notice_path) == notice
     assert window.publish() is None  # nothing to upload for a kept checkpoint
     assert ShutdownWindow(store, str(tmp_path / "n2.json"), "", 0.0).plan(window_s=None).plan is Plan.FULL
+
+
+def test_a_store_that_does_not_answer_never_delays_the_sigterm(tmp_path: Path, monkeypatch) -> None:
+    """An object store that hangs (here: an HTTP server that accepts and never replies) costs at most
+    the history timeout, and the plan is then a full save."""
+    import socket
+
+    from lightning_grid.launcher import window as window_module
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        monkeypatch.setattr(window_module, "HISTORY_TIMEOUT_S", 0.5)
+        store = CheckpointStore(f"http://127.0.0.1:{server.getsockname()[1]}/ckpts")
+        window = ShutdownWindow(store, str(tmp_path / "notice.json"), str(tmp_path / "spool"))
+        started = time.monotonic()
+        notice = window.plan(window_s=30.0)
+        assert time.monotonic() - started < 3.0
+        assert notice.plan is Plan.FULL and read_notice(window.notice_path) == notice
+    finally:
+        server.close()
