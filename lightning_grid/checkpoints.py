@@ -196,7 +196,7 @@ class CheckpointStore:
 
         The commit record goes last and only if the payload arrived whole before ``deadline``
         (monotonic): a copy cut short is never a resume point. Returns whether it was committed."""
-        src = source._path(record.name)
+        src = source.location(record.name)  # a local spool: a path
         if os.path.getsize(src) != record.size:
             raise CorruptCheckpointError(f"spooled checkpoint {src} does not match its commit record")
 
@@ -370,7 +370,6 @@ class CheckpointStore:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(self._path(name))
 
-    # -- the preemption marker ---------------------------------------------------------------------
     # -- markers: "preempted and checkpointed at step N", "training completed" -------------------
     def write_marker(self, info: dict[str, Any], name: str = PREEMPTED_MARKER) -> None:
         self._write_small(name, json.dumps(info, sort_keys=True).encode())

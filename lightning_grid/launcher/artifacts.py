@@ -236,15 +236,12 @@ def _upload_local(local_dir: str, root: str, changed: list[str], url: str, advan
         for tmp, dst in staged:
             os.replace(tmp, dst)
         staged_dirs = {os.path.dirname(dst) for _, dst in staged}
-    except OSError as exc:
+    except BaseException as exc:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise StoreError(f"could not upload {local_dir} to {url}: {exc}") from exc
-    except BaseException:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise StoreError(f"could not upload {local_dir} to {url}: {exc}") from exc
         raise
     for folder in sorted(staged_dirs):
         fsync_dir(folder)

@@ -362,8 +362,8 @@ class Engine:
             result.exit_code, noticed, result.killed_after_grace, row.resumable, result.stopped
         )
         reason = outcome.value
+        redo = _steps_redone(outcome, marker)
         if outcome is Outcome.PREEMPTED:
-            redo = _steps_redone(outcome, marker)
             if marker is None:
                 reason = "preempted; exited 0 (no checkpoint marker)"
             elif redo:
@@ -384,7 +384,7 @@ class Engine:
             reason=reason,
             notice_at=result.notice_at,
             checkpoint_step=marker["step"] if marker else None,
-            steps_redone=_steps_redone(outcome, marker),
+            steps_redone=redo,
         )
         if result.exit_after_sigterm_s is not None:
             used = ""

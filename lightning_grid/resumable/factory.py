@@ -16,9 +16,9 @@ __all__ = ["callbacks_factory"]
 
 
 def callbacks_factory() -> list[Callback]:
-    if not Contract.from_env().resumable:
-        return []
     contract = Contract.from_env()
+    if not contract.resumable:
+        return []
     callback = Resumable(
         every_n_train_steps=contract.every_n_train_steps, every_n_seconds=contract.every_n_seconds
     )
