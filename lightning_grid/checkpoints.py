@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import os
-import tempfile
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,8 +29,21 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from lightning_grid._io import HashingWriter, atomic_write_bytes, atomic_writer, fsync_dir
-from lightning_grid.errors import CorruptCheckpointError, StoreError, StoreUnwritableError
+from lightning_grid._io import (
+    HashingWriter,
+    atomic_write_bytes,
+    atomic_writer,
+    describe_os_error,
+    fsync_dir,
+    private_user_dir,
+    write_error,
+)
+from lightning_grid.errors import (
+    CorruptCheckpointError,
+    StoreError,
+    StoreUnreachableError,
+    StoreUnwritableError,
+)
 
 __all__ = ["CheckpointStore", "CommitRecord", "PREEMPTED_MARKER", "COMPLETED_MARKER"]
 
@@ -40,6 +53,17 @@ PREEMPTED_MARKER = "PREEMPTED.json"
 COMPLETED_MARKER = "COMPLETED.json"
 _COMMIT_SUFFIX = ".commit.json"
 _PAYLOAD_SUFFIX = ".ckpt"
+#: What a payload's name may be: one plain file name in the store's folder. A commit record is data
+#: read from a shared folder, so its ``name`` (``../../x``, ``/etc/x``, a NUL or newline) is never
+#: trusted to stay inside it.
+_SAFE_PAYLOAD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.ckpt")
+#: Temp files a killed writer leaves (atomic_writer's ``.<name>.<random>.tmp``).
+_SAFE_TEMP = re.compile(r"\.ckpt-[A-Za-z0-9._-]*\.tmp")
+
+
+def safe_payload_name(name: str) -> bool:
+    """Whether ``name`` can only mean a checkpoint file directly in the store's folder."""
+    return bool(_SAFE_PAYLOAD.fullmatch(name)) and ".." not in name
 
 
 @dataclass(frozen=True)
@@ -59,9 +83,15 @@ class CommitRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> CommitRecord:
+        """Raises ValueError for a record that is not one (also: a name that would leave the folder)."""
         raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        name = raw["name"]
+        if not isinstance(name, str) or not safe_payload_name(name):
+            raise ValueError(f"its name {name!r} is not a checkpoint file in this folder")
         return cls(
-            name=str(raw["name"]),
+            name=name,
             step=int(raw["step"]),
             sha256=str(raw["sha256"]),
             size=int(raw["size"]),
@@ -137,7 +167,8 @@ class CheckpointStore:
                 raise OSError("read back different bytes")
             self.fs.rm_file(probe)
         except Exception as exc:  # any backend error means: unusable
-            raise StoreUnwritableError(f"checkpoint location {self.url!r} is not writable: {exc}") from exc
+            why = describe_os_error(exc) if isinstance(exc, OSError) and exc.errno else str(exc)
+            raise StoreUnwritableError(f"checkpoint location {self.url!r} is not writable: {why}") from exc
 
     # -- writing -----------------------------------------------------------------------------------
     def save(
@@ -153,8 +184,6 @@ class CheckpointStore:
         ``before_commit`` runs after the bytes are durable and before the record is written: the
         callback uses it to make the logs it promises to keep in step with the checkpoint durable too.
         """
-        import torch  # here, not at import: the launcher reads markers without loading torch
-
         name = f"ckpt-{step:010d}-{time.time_ns() // 1_000_000}{_PAYLOAD_SUFFIX}"
         started = time.monotonic()
         upload_s = 0.0
@@ -163,11 +192,11 @@ class CheckpointStore:
         # saves with torch in the meantime, and torch.load does not check it.
         with _zip_crc32(enabled=reason != "preempted"):
             if self.is_local:
-                with atomic_writer(self._path(name)) as handle, HashingWriter(handle) as writer:
-                    torch.save(checkpoint, writer)  # type: ignore[arg-type]
-                digest, size = writer.sha256, writer.size
+                digest, size = _serialise(
+                    checkpoint, self._path(name), f"saving the step {step} checkpoint to"
+                )
             else:
-                digest, size, upload_s = self._save_remote(checkpoint, name)
+                digest, size, upload_s = self._save_remote(checkpoint, name, step, reason)
         if before_commit is not None:
             before_commit()
         # How long this save took is what a launcher weighs against the next notice's window.
@@ -176,20 +205,64 @@ class CheckpointStore:
         self._write_small(name + _COMMIT_SUFFIX, record.to_json())
         return record
 
-    def _save_remote(self, checkpoint: Any, name: str) -> tuple[str, int, float]:
+    def _spool(self) -> str:
+        """Where saves for this remote store are serialised first: private to this user, one folder
+        per store URL (so that what it holds can only ever be uploaded where it belongs)."""
+        base = self._spool_dir or private_user_dir("lightning_grid-spool")
+        return os.path.join(base, hashlib.sha256(self.url.encode()).hexdigest()[:16])
+
+    def _save_remote(self, checkpoint: Any, name: str, step: int, reason: str) -> tuple[str, int, float]:
         # Serialise to a local spool file first, so that a failed upload can be retried without
         # touching the (still changing) training state, and the bytes survive if the store does not come back.
-        import torch
-
-        spool = self._spool_dir or os.path.join(tempfile.gettempdir(), "lightning_grid_spool")
-        os.makedirs(spool, exist_ok=True)
+        spool = self._spool()
+        os.makedirs(spool, mode=0o700, exist_ok=True)
         local = os.path.join(spool, name)
-        with atomic_writer(local) as handle, HashingWriter(handle) as writer:
-            torch.save(checkpoint, writer)  # type: ignore[arg-type]
+        digest, size = _serialise(
+            checkpoint, local, f"spooling the step {step} checkpoint (for {self.url}) to"
+        )
         started = time.monotonic()
-        self._with_retries(lambda: self.fs.put_file(local, self._path(name)), f"upload {name}", keep=local)
+        try:
+            self._with_retries(
+                lambda: self.fs.put_file(local, self._path(name)), f"upload {name}", keep=local
+            )
+        except StoreError as exc:
+            # The store is unreachable: the bytes stay, committed in the spool, and the next run on
+            # this machine uploads them (recover_spooled) once the store answers again.
+            record = CommitRecord(name, step, digest, size, time.time(), reason, {"spooled_for": self.url})
+            CheckpointStore(spool)._write_small(name + _COMMIT_SUFFIX, record.to_json())
+            raise StoreUnreachableError(str(exc), spooled=local) from exc
         os.unlink(local)
-        return writer.sha256, writer.size, time.monotonic() - started
+        return digest, size, time.monotonic() - started
+
+    def recover_spooled(self) -> list[CommitRecord]:
+        """Upload and commit what an earlier run on this machine saved for this store but could not
+        upload (the store was down at a preemption), if it is newer than what the store has. Raises
+        StoreError if the store still does not answer (the spool is then left as it is)."""
+        if self.is_local:
+            return []
+        folder = self._spool()
+        if not os.path.isdir(folder):
+            return []
+        spool = CheckpointStore(folder)
+        waiting = spool.committed()
+        if not waiting:
+            return []
+        newest = next(iter(self.committed()), None)
+        recovered: list[CommitRecord] = []
+        for record in waiting:  # newest first
+            if (newest is None or record.time > newest.time) and not recovered:
+                spool.read_verified(record)  # a damaged spool file is never published
+                if self.publish(spool, record):
+                    recovered.append(record)
+                    log.info(
+                        "lightning_grid: uploaded the step %d checkpoint saved while %s was unreachable",
+                        record.step,
+                        self.url,
+                    )
+            for leftover in (record.name + _COMMIT_SUFFIX, record.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, leftover))
+        return recovered
 
     def publish(self, source: CheckpointStore, record: CommitRecord, deadline: float | None = None) -> bool:
         """Copy a checkpoint committed in ``source`` (a local spool) here, and commit it here.
@@ -206,6 +279,8 @@ class CheckpointStore:
         started = time.monotonic()
         if not in_time():
             return False
+        if not safe_payload_name(record.name):
+            raise CorruptCheckpointError(f"refusing to publish {record.name!r}: not a checkpoint file name")
         if self.is_local:
             try:
                 with open(src, "rb") as handle, atomic_writer(self._path(record.name)) as out:
@@ -215,6 +290,8 @@ class CheckpointStore:
                         out.write(chunk)
             except _OutOfTime:
                 return False
+            except OSError as exc:
+                raise write_error(exc, self._path(record.name), "publishing the checkpoint to") from exc
         else:
             # An object store upload cannot be cut short cleanly: it runs aside, and is simply not
             # committed when it ends after the deadline.
@@ -246,7 +323,10 @@ class CheckpointStore:
 
     def _write_small(self, name: str, data: bytes) -> None:
         if self.is_local:
-            atomic_write_bytes(self._path(name), data)
+            try:
+                atomic_write_bytes(self._path(name), data)
+            except OSError as exc:
+                raise write_error(exc, self._path(name), "writing") from exc
         else:
             self._with_retries(lambda: self.fs.pipe_file(self._path(name), data), f"write {name}")
 
@@ -283,15 +363,23 @@ class CheckpointStore:
             if not name.endswith(_COMMIT_SUFFIX):
                 continue
             try:
-                records.append(CommitRecord.from_json(self.fs.cat_file(self._path(name))))
-            except (ValueError, KeyError, OSError) as exc:
+                record = CommitRecord.from_json(self.fs.cat_file(self._path(name)))
+                if record.name + _COMMIT_SUFFIX != name:
+                    raise ValueError(f"it names {record.name!r}, not the payload beside it")
+            except (ValueError, KeyError, TypeError, OSError) as exc:
                 log.warning(
                     "lightning_grid: ignoring unreadable commit record %s: %s", self.location(name), exc
                 )
+                continue
+            records.append(record)
         records.sort(key=lambda r: (r.time, r.step), reverse=True)
         return records
 
     def read_verified(self, record: CommitRecord) -> bytes:
+        if not safe_payload_name(record.name):
+            raise CorruptCheckpointError(
+                f"refusing to read {record.name!r}: not a checkpoint file in {self.url}"
+            )
         try:
             data = self.fs.cat_file(self._path(record.name))
         except FileNotFoundError as exc:
@@ -345,6 +433,8 @@ class CheckpointStore:
         """Keep the newest ``keep`` committed checkpoints; the record goes first so a crash never leaves a
         committed record without its payload."""
         for record in self.committed()[max(1, keep) :]:
+            if not safe_payload_name(record.name):  # committed() never returns one; a caller's list might
+                continue
             for name in (record.name + _COMMIT_SUFFIX, record.name):
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(self._path(name))
@@ -359,8 +449,8 @@ class CheckpointStore:
             return
         committed = {n[: -len(_COMMIT_SUFFIX)] for n in names if n.endswith(_COMMIT_SUFFIX)}
         for name in names:
-            orphan = name.endswith(_PAYLOAD_SUFFIX) and name not in committed
-            if not (orphan or (name.startswith(".ckpt-") and name.endswith(".tmp"))):
+            orphan = safe_payload_name(name) and name not in committed
+            if not (orphan or _SAFE_TEMP.fullmatch(name)):
                 continue
             try:
                 age = time.time() - self.fs.modified(self._path(name)).timestamp()
@@ -385,3 +475,25 @@ class CheckpointStore:
             self.fs.rm_file(self._path(name))
         if self.is_local:
             fsync_dir(self.root)
+
+
+def _serialise(checkpoint: Any, path: str, what: str) -> tuple[str, int]:
+    """``torch.save`` to ``path`` atomically, hashing on the way; (sha256, size).
+
+    A failed write leaves no temp file and raises ``StoreFullError``/``StoreWriteError`` naming
+    the path and the OS's reason: torch reports a full disk as "unexpected pos …", which says
+    nothing to a user, so the OSError underneath is what is reported."""
+    import torch
+
+    writer: HashingWriter | None = None
+    try:
+        with atomic_writer(path) as handle, HashingWriter(handle) as writer:
+            torch.save(checkpoint, writer)  # type: ignore[arg-type]
+    except OSError as exc:
+        raise write_error(exc, path, what) from exc
+    except RuntimeError:
+        if writer is not None and writer.error is not None:
+            # From the OSError: torch's "unexpected pos" says nothing a user can act on.
+            raise write_error(writer.error, path, what) from writer.error
+        raise
+    return writer.sha256, writer.size

@@ -1,23 +1,41 @@
-"""The ``lightning-grid`` command line: parse, call the engine, print. Nothing else lives here."""
+"""The ``lightning-grid`` command line: parse, call the engine, print. Nothing else lives here.
+
+``run``'s and ``agent``'s experiment options are generated from :func:`lightning_grid.launcher.spec.options`:
+a new :class:`~lightning_grid.launcher.spec.Spec` field is a new option here with no edit to this file.
+
+Every user error is one line on stderr (``error: ...``) and exit code 2, checked before anything is
+written. Text a user or a script controls (names, arguments, reasons) is printed with rich's markup
+off and control characters escaped: a ``[/]`` in an argument cannot crash ``status``, an escape
+sequence cannot repaint the terminal.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import IO, Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from lightning_grid import __version__
 from lightning_grid.errors import LightningGridError, UsageError
 from lightning_grid.launcher.agent import AgentSpec, read_events, run_agent, summarize
-from lightning_grid.launcher.engine import Engine, Spec, parse_simulation
+from lightning_grid.launcher.engine import Engine
 from lightning_grid.launcher.experiment import Status
+from lightning_grid.launcher.notices import LauncherSignals
 from lightning_grid.launcher.report import describe
+from lightning_grid.launcher.spec import Spec, options, parse_simulation, validate_name
 
 __all__ = ["main", "cli"]
 
@@ -25,10 +43,32 @@ _COLOURS = {
     "queued": "white", "running": "cyan", "interrupting": "yellow", "pending": "yellow",
     "restoring": "yellow", "succeeded": "green", "failed": "red", "stopped": "magenta",
 }  # fmt: skip
+_CHUNK = 1 << 20  # the most bytes of a log held at once by ``logs``
+_EXIT_KILLED = 130  # a second Ctrl-C: the shell's code for "ended by SIGINT"
+
+
+# -- printing user-controlled text -------------------------------------------------------------------
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _safe(text: object) -> str:
+    """``text`` on one line with nothing a terminal would act on: control characters, newlines,
+    escape sequences and undecodable bytes (surrogates) come out as backslash escapes."""
+    return "".join(c if c.isprintable() else _escape_char(c) for c in str(text))
 
 
 def _console() -> Console:
-    return Console(highlight=False)
+    # markup off: nothing we print is parsed for [tags]; styles come only from Text objects.
+    return Console(highlight=False, markup=False, emoji=False)
 
 
 def _when(ts: float | None) -> str:
@@ -43,156 +83,286 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _status_text(status: str) -> Text:
+    return Text(status, style=_COLOURS.get(status, "white"))
+
+
+# -- parameter types -----------------------------------------------------------------------------------
+class _Text(click.ParamType):
+    """A name, URL, path or host: not empty, no control characters (a newline in a name would be a
+    second line in every listing, an escape sequence a repainted terminal)."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            self.fail("must not be empty", param, ctx)
+        if not value.isprintable():
+            self.fail(f"must not contain control characters, got {value!r}", param, ctx)
+        return value
+
+
+_TEXT = _Text()
+_TYPES: dict[type, click.ParamType] = {int: click.INT, float: click.FLOAT, str: _TEXT}
+
+
+def _spec_options(
+    for_agent: bool = False, defaults: dict[str, Any] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a command with one click option per Spec field (:func:`spec.options`): the flags,
+    type, default and help all come from the field. Ranges, nan and inf are :meth:`Spec.validated`'s."""
+    overrides = defaults or {}
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        for info in reversed(options(for_agent=for_agent)):
+            default = overrides.get(info.name, info.default)
+            decls = [*info.flags, info.name]
+            if info.is_flag:
+                option = click.option(*decls, is_flag=True, default=bool(default), help=info.help)
+            else:
+                kind = click.Choice(info.choices) if info.choices else _TYPES.get(info.kind, _TEXT)
+                option = click.option(
+                    *decls,
+                    type=kind,
+                    default=default,
+                    show_default=default is not None,
+                    metavar=info.metavar,
+                    help=info.help,
+                )
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def _build_spec(values: dict[str, Any], **fixed: Any) -> Spec:
+    """A checked Spec from the generated options' values: every rule of :meth:`Spec.validated`
+    applies before the engine, the registry or the disk see anything."""
+    values = dict(values)
+    simulated = values.pop("simulate_preemptions", None)
+    return Spec(simulate_preemptions=parse_simulation(simulated), **values, **fixed).validated()
+
+
+def _changed(ctx: click.Context, names: Iterable[str]) -> list[str]:
+    """The options among ``names`` given on the command line (or by environment), as spelled there."""
+    given = []
+    for param in ctx.command.params:
+        if param.name in names and ctx.get_parameter_source(param.name) not in (
+            ParameterSource.DEFAULT,
+            ParameterSource.DEFAULT_MAP,
+            None,
+        ):
+            given.append(param.opts[-1])
+    return given
+
+
+# -- the commands --------------------------------------------------------------------------------------
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="lightning-grid")
+@click.version_option(__version__, "--version", "-V", prog_name="lightning-grid", help="Show the version.")
 def cli() -> None:
     """Train PyTorch Lightning models on spot machines without losing work."""
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--use_spot", "--use-spot", "use_spot", is_flag=True, help="Run on interruptible capacity.")
+_SPEC_NAMES = frozenset(info.name for info in options())
+
+
+# No ignore_unknown_options: a mistyped option before SCRIPT is click's "No such option". No
+# interspersed arguments: everything after SCRIPT is the script's, passed through untouched.
+@cli.command(context_settings={"allow_interspersed_args": False})
+@_spec_options()
 @click.option(
-    "--resumable", is_flag=True, help="The script is safe to resume: relaunch it after an interruption."
-)
-@click.option("--instance_type", "--instance-type", "instance_type", default="local", show_default=True)
-@click.option("--name", default=None, help="Default: generated, unique, human-readable.")
-@click.option("--max_restarts", "--max-restarts", "max_restarts", type=int, default=20, show_default=True)
-@click.option(
-    "--retries", type=int, default=0, show_default=True, help="Relaunches after a user-code failure."
-)
-@click.option(
-    "--artifacts", default=None, help="fsspec URL of the artifact store. Default: under LIGHTNING_GRID_HOME."
-)
-@click.option(
-    "--simulate-preemptions",
-    "simulate",
+    "--resume",
     default=None,
-    help="S1,S2,...: attempt k gets a notice after S_k seconds.",
-)
-@click.option("--grace-period", "grace_period", type=float, default=120.0, show_default=True)
-@click.option(
-    "--cloud",
-    type=click.Choice(["none", "aws", "gcp", "azure", "auto"]),
-    default="none",
-    show_default=True,
-    help="Watch this cloud's metadata service for spot interruption notices (auto: ask each).",
+    type=_TEXT,
+    metavar="NAME",
+    help="Continue a queued or pending experiment (or a failed one, from its committed checkpoints).",
 )
 @click.option(
-    "--every_n_train_steps",
-    "--every-n-train-steps",
-    "every_n_train_steps",
-    type=int,
-    default=None,
-    help="With --resumable: also checkpoint every N optimizer steps (survives SIGKILL; no script change).",
+    "-d",
+    "--detach",
+    is_flag=True,
+    help="Submit, print the name and return; a launcher in the background supervises it.",
 )
 @click.option(
-    "--every_n_seconds",
-    "--every-n-seconds",
-    "every_n_seconds",
-    type=float,
-    default=None,
-    help="With --resumable: also checkpoint every T seconds of training.",
+    "--no_echo",
+    "--no-echo",
+    "no_echo",
+    is_flag=True,
+    hidden=True,
+    help="Do not copy the script's output to this terminal (the background launcher's mode).",
 )
-@click.option("--resume", "resume", default=None, metavar="NAME", help="Continue a pending experiment.")
 @click.argument("script", required=False)
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
 def run(
-    use_spot: bool,
-    resumable: bool,
-    instance_type: str,
-    name: str | None,
-    max_restarts: int,
-    retries: int,
-    artifacts: str | None,
-    simulate: str | None,
-    grace_period: float,
-    cloud: str,
-    every_n_train_steps: int | None,
-    every_n_seconds: float | None,
+    ctx: click.Context,
     resume: str | None,
+    detach: bool,
+    no_echo: bool,
     script: str | None,
     script_args: tuple[str, ...],
+    **values: Any,
 ) -> None:
-    """Run SCRIPT under supervision; stays in the foreground and streams its output."""
-    engine = Engine()
-    if resume:
+    """Run SCRIPT under supervision; stays in the foreground and streams its output.
+
+    Ctrl-C stops in order (the script saves and exits; the experiment stays pending); a second
+    Ctrl-C kills the script at once (exit 130; its last committed checkpoint stays).
+    """
+    LauncherSignals.latest = None
+    if resume is not None:
         if script:
             raise UsageError("give either --resume NAME or a SCRIPT, not both")
-        row = engine.run(resume)
+        given = _changed(ctx, _SPEC_NAMES)
+        if given:
+            raise UsageError(
+                f"--resume continues {_safe(resume)} as it was submitted; {given[0]} cannot change it"
+            )
+        validate_name(resume)
+        engine = Engine(echo=not no_echo)
+        row = engine.registry.get(resume)  # an unknown name: no lock, no file
+        if row.status.is_terminal() and row.status is not Status.FAILED:  # a failed one may continue
+            raise UsageError(f"experiment {resume!r} has already ended ({row.status.value})")
+        name = resume
     else:
         if not script:
             raise UsageError("missing SCRIPT (or --resume NAME)")
-        spec = Spec(
-            script=script, args=list(script_args), name=name, resumable=resumable, use_spot=use_spot,
-            instance_type=instance_type, max_restarts=max_restarts, retries=retries, artifacts=artifacts,
-            simulate_preemptions=parse_simulation(simulate), grace_period=grace_period, cloud=cloud,
-            every_n_train_steps=every_n_train_steps, every_n_seconds=every_n_seconds,
-        )  # fmt: skip
-        submitted = engine.submit(spec)
-        engine.say(f"experiment {submitted.name} submitted")
-        row = engine.run(submitted.name)
-    colour = _COLOURS.get(row.status.value, "white")
+        spec = _build_spec(values, script=script, args=tuple(script_args))
+        engine = Engine(echo=not no_echo)
+        name = engine.submit(spec).name
+        engine.say(f"experiment {name} submitted")
+    if detach:
+        pid, log_path = _detach(engine.home, name)
+        click.echo(name)
+        engine.say(
+            f"{name} is supervised in the background (launcher pid {pid}, its messages in {log_path});"
+            f" follow it: lightning-grid logs {name} --follow; stop it: lightning-grid stop {name}"
+        )
+        return
+    row = engine.run(name)
     _console().print(
-        f"[{colour}]{row.name}: {row.status.value}[/] ({row.reason}; restarts={row.restarts})", soft_wrap=True
+        Text.assemble(
+            (f"{_safe(row.name)}: {row.status.value}", _COLOURS.get(row.status.value, "white")),
+            f" ({_safe(row.reason)}; restarts={row.restarts})",
+        ),
+        soft_wrap=True,
     )
+    signals = LauncherSignals.latest
+    if signals is not None and signals.escalated:
+        raise click.exceptions.Exit(_EXIT_KILLED)
     if row.status is not Status.SUCCEEDED:
         raise click.exceptions.Exit(1)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+def _detach(home: str, name: str) -> tuple[int, str]:
+    """Start ``run --resume NAME`` as a launcher of its own: a new session (no terminal, so no SIGHUP
+    when it closes), stdin from /dev/null, its messages appended to ``runs/NAME/launcher.log``."""
+    folder = os.path.join(home, "runs", name)
+    os.makedirs(folder, exist_ok=True)
+    log_path = os.path.join(folder, "launcher.log")
+    command = [sys.executable, "-m", "lightning_grid.cli", "run", "--resume", name, "--no-echo"]
+    env = dict(os.environ, LIGHTNING_GRID_HOME=home)
+    with open(os.devnull, "rb") as devnull, open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            command, stdin=devnull, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    proc.returncode = 0  # never waited for here: it outlives us by design
+    return proc.pid, log_path
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@_spec_options(for_agent=True, defaults={"cloud": "auto"})
 @click.option(
-    "--artifacts", required=True, help="fsspec URL of the artifact store the provisioner's machines share."
+    "--artifacts",
+    required=True,
+    type=_TEXT,
+    metavar="URL",
+    help="fsspec URL of the artifact store the provisioner's machines share.",
 )
-@click.option("--name", required=True, help="The experiment: every machine that runs it uses the same name.")
-@click.option("--workdir", default=".", show_default=True, help="Execution directory on this machine.")
 @click.option(
-    "--cloud", type=click.Choice(["none", "aws", "gcp", "azure", "auto"]), default="auto", show_default=True
+    "--name",
+    required=True,
+    type=_TEXT,
+    metavar="NAME",
+    help="The experiment: every machine that runs it uses the same name.",
 )
-@click.option("--grace-period", "grace_period", type=float, default=120.0, show_default=True)
 @click.option(
-    "--simulate-preemption", "simulate", type=float, default=None, help="A notice after this many seconds."
+    "--workdir", default=".", type=_TEXT, show_default=True, help="Execution directory on this machine."
+)
+@click.option(
+    "--log-dir",
+    "--log_dir",
+    "log_dir",
+    default=None,
+    type=_TEXT,
+    metavar="DIR",
+    help="Write attempt-N.log here (a folder the submitting machine reads: SLURM). Default: the workdir.",
 )
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def agent(
-    artifacts: str,
-    name: str,
-    workdir: str,
-    cloud: str,
-    grace_period: float,
-    simulate: float | None,
-    command: tuple[str, ...],
+    artifacts: str, name: str, workdir: str, log_dir: str | None, command: tuple[str, ...], **values: Any
 ) -> None:
     """Run COMMAND on this (spot) machine: restore, watch for notices, sync; exit 0 done, 75 preempted."""
-    spec = AgentSpec(list(command), artifacts, name, workdir, cloud, grace_period, simulate)
-    raise click.exceptions.Exit(run_agent(spec))
+    validate_name(name)
+    if not command:
+        raise UsageError(
+            "give the command to run after --, e.g.: lightning-grid agent ... -- python train.py"
+        )
+    spec = _build_spec(values)
+    agent_spec = AgentSpec(
+        command=list(command), artifacts=artifacts, name=name, workdir=workdir, spec=spec, log_dir=log_dir
+    )
+    raise click.exceptions.Exit(run_agent(agent_spec))
 
 
 @cli.command()
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--artifacts", default=None, help="Read the story an agent left in this artifact store.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole story as JSON.")
+@click.option(
+    "--artifacts",
+    default=None,
+    type=_TEXT,
+    metavar="URL",
+    help="Read the story an agent left in this artifact store.",
+)
 def status(name: str, as_json: bool, artifacts: str | None) -> None:
     """Lifecycle, attempts with exit codes and reasons, restarts, times, and the bill."""
+    validate_name(name)
+    console = _console()
     if artifacts is not None:
         summary = summarize(name, read_events(artifacts, name))
         if as_json:
             click.echo(json.dumps(summary, indent=2, default=str))
             return
-        _console().print(f"[bold]{name}[/]  {summary['status']}  restarts {summary['restarts']}")
+        console.print(
+            Text.assemble((name, "bold"), f"  {_safe(summary['status'])}  restarts {summary['restarts']}"),
+            soft_wrap=True,
+        )
         for event in summary["events"]:
-            detail = {k: v for k, v in event.items() if k not in ("time", "event")}
-            _console().print(f"  {_when(event['time'])}  {event['event']}  {detail}", soft_wrap=True)
+            console.print(
+                Text(
+                    f"  {_when(event.get('time'))}  {_safe(event.get('kind'))}  {_safe(event.get('message'))}"
+                ),
+                soft_wrap=True,
+            )
         return
     info = describe(Engine().registry, name)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    console = _console()
-    colour = _COLOURS.get(info["status"], "white")
-    console.print(f"[bold]{info['name']}[/]  [{colour}]{info['status']}[/]  {info['reason']}", soft_wrap=True)
     console.print(
-        f"script {info['script']} {' '.join(info['args'])} · {info['instance_type']}"
-        f"{' spot' if info['use_spot'] else ''}{' · resumable' if info['resumable'] else ''} · restarts {info['restarts']}",
+        Text.assemble(
+            (_safe(info["name"]), "bold"), "  ", _status_text(info["status"]), "  ", _safe(info["reason"])
+        ),
+        soft_wrap=True,
+    )
+    where = f"{info['instance_type']}{' spot' if info['use_spot'] else ''}"
+    console.print(
+        Text(
+            f"script {_safe(shlex.join([info['script'], *info['args']]))} · {_safe(where)}"
+            f"{' · resumable' if info['resumable'] else ''} · restarts {info['restarts']}"
+        ),
         soft_wrap=True,
     )
     table = Table("attempt", "started", "duration", "exit", "outcome", "reason")
@@ -202,26 +372,29 @@ def status(name: str, as_json: bool, artifacts: str | None) -> None:
             _when(a["started"]),
             _duration(a["seconds"]),
             str(a["exit_code"]),
-            str(a["outcome"]),
-            a["reason"],
+            Text(_safe(a["outcome"])),
+            Text(_safe(a["reason"])),
         )
     console.print(table)
     for event in info["events"]:
         arrow = f"{event['from'] or ''} → {event['to']}" if event["to"] else "·"
-        console.print(f"  {_when(event['time'])}  {arrow}  {event['reason']}", soft_wrap=True)
+        console.print(Text(f"  {_when(event['time'])}  {arrow}  {_safe(event['reason'])}"), soft_wrap=True)
     bill = info["bill"]
     redone = "unknown (a SIGKILL)" if bill["steps_redone"] is None else str(bill["steps_redone"])
     console.print(
-        f"[bold]bill[/]: {bill['attempts']} attempts · running {_duration(bill['seconds_running'])} · pending"
-        f" {_duration(bill['seconds_pending'])} · saving after notices {bill['seconds_saving_after_notice']:.1f}s ·"
-        f" restoring {bill['seconds_restoring']:.1f}s · steps redone {redone} · est. cost ${bill['cost_spot_usd']:.4f}"
-        f" on spot vs ${bill['cost_on_demand_usd']:.4f} on demand",
+        Text.assemble(
+            ("bill", "bold"),
+            f": {bill['attempts']} attempts · running {_duration(bill['seconds_running'])} · pending"
+            f" {_duration(bill['seconds_pending'])} · saving after notices {bill['seconds_saving_after_notice']:.1f}s ·"
+            f" restoring {bill['seconds_restoring']:.1f}s · steps redone {redone} · est. cost ${bill['cost_spot_usd']:.4f}"
+            f" on spot vs ${bill['cost_on_demand_usd']:.4f} on demand",
+        ),
         soft_wrap=True,
     )
 
 
 @cli.command(name="list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print every experiment's story as JSON.")
 def list_(as_json: bool) -> None:
     """All experiments, newest first."""
     registry = Engine().registry
@@ -231,65 +404,119 @@ def list_(as_json: bool) -> None:
         return
     table = Table("name", "status", "instance", "spot", "restarts", "created")
     for r in rows:
-        colour = _COLOURS.get(r.status.value, "white")
         table.add_row(
-            r.name,
-            f"[{colour}]{r.status.value}[/]",
-            r.instance_type,
-            "yes" if r.use_spot else "no",
+            Text(_safe(r.name)),
+            _status_text(r.status.value),
+            Text(_safe(r.spec.instance_type)),
+            "yes" if r.spec.use_spot else "no",
             str(r.restarts),
             _when(r.created),
         )
     _console().print(table)
 
 
+def _copy_new(path: str, offset: int, out: IO[bytes]) -> int:
+    """Copy what ``path`` holds past ``offset`` (up to its size now) to ``out``, at most
+    :data:`_CHUNK` bytes at a time; returns the new offset. A 200 MB log costs 1 MiB of memory."""
+    try:
+        with open(path, "rb") as handle:
+            end = os.fstat(handle.fileno()).st_size
+            handle.seek(offset)
+            while offset < end:
+                chunk = handle.read(min(_CHUNK, end - offset))
+                if not chunk:
+                    break
+                out.write(chunk)
+                offset += len(chunk)
+    except FileNotFoundError:  # the attempt has not written a line yet
+        return offset
+    out.flush()
+    return offset
+
+
 @cli.command()
 @click.argument("name")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing until the experiment ends.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the experiment ends or waits.")
 def logs(name: str, follow: bool) -> None:
     """The output of every attempt, each marked."""
-    registry = Engine().registry
+    validate_name(name)
+    engine = Engine()
+    registry = engine.registry
     registry.get(name)
+    sys.stdout.flush()
+    out: IO[bytes] = sys.stdout.buffer
+    encoding = sys.stdout.encoding or "utf-8"
+
+    def line(text: str) -> None:
+        out.write((text + "\n").encode(encoding, errors="replace"))
+        out.flush()
+
     shown: dict[int, int] = {}
+    unsupervised_since: float | None = None
     while True:
-        for attempt in registry.attempts(name):
+        # The status is read before the copy: output written before the experiment ended is shown.
+        row = registry.get(name)
+        # A pending experiment has no launcher writing to it: following would wait forever. Nor
+        # has a live one whose launcher died (or never started: a detached one gets a few seconds).
+        done = not follow or row.status.is_terminal() or row.status is Status.PENDING
+        if follow and not done and not engine.supervised(name):
+            unsupervised_since = unsupervised_since or time.monotonic()
+            done = time.monotonic() - unsupervised_since > 10.0
+        else:
+            unsupervised_since = None
+        attempts = registry.attempts(name)
+        for attempt in attempts:
             if attempt.number not in shown:
-                click.echo(f"──── attempt {attempt.number} · pid {attempt.pid} ────")
+                line(f"──── attempt {attempt.number} · pid {attempt.pid} ────")
                 shown[attempt.number] = 0
-            if os.path.exists(attempt.log_path):
-                with open(attempt.log_path, "rb") as handle:
-                    handle.seek(shown[attempt.number])
-                    chunk = handle.read()
-                shown[attempt.number] += len(chunk)
-                if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-        if (
-            not follow
-            or registry.get(name).status.is_terminal()
-            or registry.get(name).status is Status.PENDING
-        ):
-            # A pending experiment has no launcher writing to it: following would wait forever.
-            final = registry.attempts(name)
-            if follow or final:
-                last = final[-1] if final else None
-                if last is not None and last.outcome:
-                    click.echo(f"──── attempt {last.number} ended: {last.outcome} ────")
+            shown[attempt.number] = _copy_new(attempt.log_path, shown[attempt.number], out)
+        if done:
+            last = attempts[-1] if attempts else None
+            if last is not None and last.outcome:
+                line(f"──── attempt {last.number} ended: {_safe(last.outcome)} ────")
+            if follow:
+                line(f"──── {_safe(row.name)}: {row.status.value} ({_safe(row.reason)}) ────")
+                if unsupervised_since is not None:
+                    line(f"──── no launcher supervises it: lightning-grid run --resume {row.name} ────")
             return
         time.sleep(0.5)
 
 
 @cli.command()
-@click.argument("name")
-def stop(name: str) -> None:
-    """Stop an experiment (its script gets SIGTERM, then SIGKILL after the grace period)."""
-    row = Engine().stop(name)
-    click.echo(f"{row.name}: {row.status.value}")
+@click.argument("names", nargs=-1, metavar="NAME...")
+@click.option("--all", "all_", is_flag=True, help="Stop every experiment that has not ended.")
+def stop(names: tuple[str, ...], all_: bool) -> None:
+    """Stop experiments (each script gets SIGTERM, then SIGKILL after its grace period)."""
+    if all_ and names:
+        raise UsageError("give experiment NAMEs or --all, not both")
+    if not all_ and not names:
+        raise UsageError("give the NAME of each experiment to stop, or --all")
+    for name in names:
+        validate_name(name)
+    engine = Engine()
+    if all_:
+        targets = [r.name for r in engine.registry.all() if not r.status.is_terminal()]
+        if not targets:
+            engine.say("nothing to stop: no experiment is live")
+            return
+    else:
+        targets = list(dict.fromkeys(names))
+        for name in targets:
+            engine.registry.get(name)  # every name known before any is stopped
+    # Side by side: each stop waits for its script's orderly exit, up to its grace period.
+    with ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
+        rows = list(pool.map(engine.stop, targets))
+    for row in rows:
+        click.echo(f"{_safe(row.name)}: {row.status.value}")
 
 
 @cli.command()
 @click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Any address but loopback needs the printed token."
+    "--host",
+    default="127.0.0.1",
+    type=_TEXT,
+    show_default=True,
+    help="Any address but loopback needs the printed token.",
 )
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port."
@@ -302,22 +529,33 @@ def ui(host: str, port: int) -> None:
     serve(default_home(), host, port)
 
 
+# -- the entry point -------------------------------------------------------------------------------------
+def _error(message: str) -> None:
+    """The one line a user error prints."""
+    click.echo(f"error: {_safe(message)}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         result = cli.main(args=argv, prog_name="lightning-grid", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        return 2
     except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        return 130
+        _error("interrupted")
+        return _EXIT_KILLED
+    except click.UsageError as exc:
+        # click's own usage block is three lines; the message and where to look are one.
+        hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        _error(exc.format_message() + hint)
+        return 2
+    except click.ClickException as exc:
+        _error(exc.format_message())
+        return exc.exit_code
     except UsageError as exc:
-        click.echo(f"error: {exc}", err=True)
+        _error(str(exc))
         return 2
     except LightningGridError as exc:
-        click.echo(f"error: {exc}", err=True)
+        _error(str(exc))
         return 1
     # Without standalone mode click returns an Exit's code instead of raising it.
     return result if isinstance(result, int) else 0

@@ -13,6 +13,9 @@ __all__ = [
     "CheckpointMismatchError",
     "StoreError",
     "StoreUnwritableError",
+    "StoreWriteError",
+    "StoreFullError",
+    "ManifestError",
 ]
 
 
@@ -42,3 +45,43 @@ class StoreError(LightningGridError):
 
 class StoreUnwritableError(StoreError):
     """The store location cannot be written: found at start, before any training time is spent."""
+
+
+class StoreWriteError(StoreError):
+    """A write to a checkpoint or artifact store failed part-way (full disk, quota, read-only
+    filesystem, I/O error): nothing was committed, no temporary file is left, and what was
+    committed before is untouched. ``path`` is what was being written, ``errno`` the OS's code."""
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+
+class StoreFullError(StoreWriteError):
+    """The store's filesystem is full (ENOSPC) or the user's quota is spent (EDQUOT)."""
+
+
+class ManifestError(StoreError):
+    """An artifact store's manifest is malformed or hostile; nothing was restored from it.
+
+    ``manifest`` is its location, ``entry`` the offending file name (None when the whole document
+    is at fault)."""
+
+    def __init__(self, message: str, manifest: str, entry: str | None = None) -> None:
+        super().__init__(message)
+        self.manifest = manifest
+        self.entry = entry
+
+
+class RegistryError(LightningGridError):
+    """The registry (SQLite under LIGHTNING_GRID_HOME) cannot be read or written: corrupt, disk full."""
+
+
+class StoreUnreachableError(StoreError):
+    """A remote store did not take a checkpoint after every retry. The checkpoint is whole and
+    committed in this machine's private spool (``spooled``), and the next run here uploads it."""
+
+    def __init__(self, message: str, spooled: str) -> None:
+        super().__init__(message)
+        self.spooled = spooled

@@ -1,15 +1,20 @@
-"""``Experiment``: the Python face of the launcher, on the same engine as the CLI."""
+"""``Experiment``: the Python face of the launcher, on the same engine and the same spec as the CLI."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
-from lightning_grid.launcher.engine import Engine, Spec
+from lightning_grid.errors import UsageError
+from lightning_grid.launcher.engine import Engine
 from lightning_grid.launcher.experiment import Status
 from lightning_grid.launcher.report import describe
+from lightning_grid.launcher.spec import Spec, parse_simulation
 
 __all__ = ["Experiment"]
+
+_OPTIONS = frozenset(f.name for f in fields(Spec)) - {"script", "args"}
 
 
 class Experiment:
@@ -17,6 +22,12 @@ class Experiment:
 
     ``Experiment("mnist.py", resumable=True, use_spot=True, instance_type="p3.2xlarge").run()``
     blocks until the experiment ends (or is left pending) and returns its final :class:`Status`.
+
+    The keyword options are the fields of :class:`lightning_grid.launcher.spec.Spec` — the same
+    options, defaults and checks as ``lightning-grid run`` (``use_spot``, ``resumable``,
+    ``instance_type``, ``max_restarts``, ``retries``, ``retry_delay``, ``artifacts``,
+    ``simulate_preemptions``, ``grace_period``, ``cloud``, ``every_n_train_steps``,
+    ``every_n_seconds``, ``name``). ``home`` and ``echo`` belong to this process, not the experiment.
     """
 
     def __init__(
@@ -24,29 +35,20 @@ class Experiment:
         script: str,
         args: Sequence[str] = (),
         *,
-        name: str | None = None,
-        resumable: bool = False,
-        use_spot: bool = False,
-        instance_type: str = "local",
-        max_restarts: int = 20,
-        retries: int = 0,
-        artifacts: str | None = None,
-        simulate_preemptions: Sequence[float] = (),
-        grace_period: float = 120.0,
-        cloud: str = "none",
-        every_n_train_steps: int | None = None,
-        every_n_seconds: float | None = None,
         home: str | None = None,
         echo: bool = True,
+        **options: Any,
     ) -> None:
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise UsageError(
+                f"unknown Experiment option(s): {', '.join(unknown)}; valid: {', '.join(sorted(_OPTIONS))}"
+            )
+        if "simulate_preemptions" in options:
+            options["simulate_preemptions"] = parse_simulation(options["simulate_preemptions"])
         self._engine = Engine(home=home, echo=echo)
-        self._spec = Spec(
-            script=script, args=list(args), name=name, resumable=resumable, use_spot=use_spot,
-            instance_type=instance_type, max_restarts=max_restarts, retries=retries, artifacts=artifacts,
-            simulate_preemptions=list(simulate_preemptions), grace_period=grace_period, cloud=cloud,
-            every_n_train_steps=every_n_train_steps, every_n_seconds=every_n_seconds,
-        )  # fmt: skip
-        self.name: str | None = name
+        self._spec = Spec(script=script, args=tuple(args), **options).validated()
+        self.name: str | None = self._spec.name
 
     def submit(self) -> Experiment:
         row = self._engine.submit(self._spec)

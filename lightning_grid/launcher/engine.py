@@ -1,145 +1,146 @@
-"""The engine behind ``lightning-grid run`` and ``Experiment(...).run()``: submit, supervise, relaunch.
+"""The local front end behind ``lightning-grid run`` and ``Experiment(...).run()``: submit, supervise, relaunch.
 
-One supervision loop with the restart budgets; each attempt is restore → run → classify → sync.
-A file lock per experiment makes sure two launchers never run the same experiment at once.
+An attempt is :func:`lightning_grid.launcher.attempt.run`; what follows it is
+:func:`~lightning_grid.launcher.experiment.decide`. This module only applies the decision: it keeps
+the story in the registry, waits out a crash retry's backoff, and relaunches on this machine. A
+file lock per experiment makes sure two launchers never run the same experiment at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import random
-import re
-import shutil
-import subprocess
+import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 import fsspec
 import psutil
 
-from lightning_grid.checkpoints import COMPLETED_MARKER, CheckpointStore
-from lightning_grid.contract import Contract, default_home
-from lightning_grid.errors import LightningGridError, UsageError
-from lightning_grid.launcher import artifacts, instances
-from lightning_grid.launcher.experiment import Outcome, Status, classify, decide
-from lightning_grid.launcher.notices import (
-    LauncherSignals,
-    Notice,
-    NoticeSource,
-    SimulatedPreemption,
-    cloud_notices,
-)
+from lightning_grid.contract import default_home
+from lightning_grid.errors import LightningGridError, StoreError, UsageError
+from lightning_grid.launcher import artifacts, attempt, instances, slurm
+from lightning_grid.launcher.events import Kind
+from lightning_grid.launcher.experiment import Budgets, Outcome, Status, decide
+from lightning_grid.launcher.layout import StoreLayout, new_id
+from lightning_grid.launcher.notices import LauncherSignals, Notice, cloud_notices, notice_sources
+from lightning_grid.launcher.processes import kill_attempt_processes
 from lightning_grid.launcher.registry import ExperimentRow, Registry
-from lightning_grid.launcher.supervisor import attempt_env, run_attempt
-from lightning_grid.launcher.window import ShutdownWindow
+from lightning_grid.launcher.spec import Spec, validate_name
 
-__all__ = ["Spec", "Engine", "parse_simulation"]
+__all__ = ["Engine"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ADJECTIVES = ["brisk", "calm", "eager", "lucid", "nimble", "quiet", "rapid", "sturdy", "vivid", "witty"]
 _NOUNS = ["falcon", "otter", "lynx", "heron", "badger", "comet", "maple", "quartz", "tern", "walrus"]
 
 
-@dataclass
-class Spec:
-    """What the user asked for (the CLI and the SDK both build one)."""
+class _RegistryObserver:
+    """An attempt's story, told to the registry."""
 
-    script: str
-    args: list[str] = field(default_factory=list)
-    name: str | None = None
-    resumable: bool = False
-    use_spot: bool = False
-    instance_type: str = "local"
-    max_restarts: int = 20
-    retries: int = 0
-    artifacts: str | None = None
-    simulate_preemptions: list[float] = field(default_factory=list)
-    grace_period: float = 120.0
-    cloud: str = "none"  # where interruption notices come from: aws, gcp, azure, auto, none
-    every_n_train_steps: int | None = None  # periodic saves, for scripts that do not add Resumable
-    every_n_seconds: float | None = None
+    def __init__(self, engine: Engine, name: str, number: int) -> None:
+        self.engine, self.registry, self.name, self.number = engine, engine.registry, name, number
+        self._next_stop_check = 0.0
 
+    def emit(self, kind: Kind, message: str, **data: Any) -> None:
+        self.registry.record(
+            self.name, kind, f"attempt {self.number}: {message}", attempt=self.number, **data
+        )
+        if kind in (Kind.SYNC_FAILED, Kind.WARNING):
+            self.engine.say(f"warning: {message}")
 
-def parse_simulation(text: str | None) -> list[float]:
-    if not text:
-        return []
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(
-            f"--simulate-preemptions must be seconds separated by commas, got {text!r}"
-        ) from None
-    if not values or any(v < 0 for v in values):
-        raise UsageError(f"--simulate-preemptions must be non-negative seconds, got {text!r}")
-    return values
+    def started(self, pid: int, log_path: str) -> None:
+        self.registry.start_attempt(self.name, self.number, pid, log_path)
+        if self.registry.get(self.name).status is not Status.RUNNING:
+            self.registry.transition(
+                self.name, Status.RUNNING, f"attempt {self.number} started", attempt=self.number
+            )
+
+    def interrupting(self, notice: Notice, window_s: float) -> None:
+        if notice.source != "user":  # a user's stop goes straight to stopped after the attempt
+            self.registry.transition(
+                self.name, Status.INTERRUPTING, f"{notice.reason}; SIGTERM sent", attempt=self.number
+            )
+        self.engine.say(f"{self.name}: {notice.reason}; sending SIGTERM, {window_s:g}s until SIGKILL")
+
+    def stop_requested(self) -> bool:
+        return self.registry.stop_requested(self.name)
 
 
 class Engine:
     def __init__(self, home: str | None = None, echo: bool = True, out: IO[str] | None = None) -> None:
         self.home = home or default_home()
-        self.registry = Registry(self.home)
         self.echo = echo
         self.out = out or sys.stderr
-        self._sync_s: dict[str, float] = {}  # the last execution-directory sync, per experiment
+
+    @functools.cached_property
+    def registry(self) -> Registry:
+        """Opened on first use: a command rejected for its input leaves no home behind."""
+        return Registry(self.home)
 
     def say(self, message: str) -> None:
         print(f"lightning-grid: {message}", file=self.out, flush=True)
 
     # -- submit ------------------------------------------------------------------------------------
     def submit(self, spec: Spec) -> ExperimentRow:
+        """Check everything, then create the experiment; a rejected spec leaves nothing behind."""
+        spec = spec.validated()
         script = os.path.abspath(spec.script)
-        if not os.path.exists(script):
+        if not spec.script or not os.path.exists(script):
             raise UsageError(f"script not found: {spec.script}")
         if os.path.isdir(script):
             raise UsageError(f"{spec.script} is a directory; give the script to run")
         instance = instances.lookup(spec.instance_type)
-        instances.visible_devices(instance, _gpu_count())  # more GPUs than this machine has: say so now
-        if spec.max_restarts < 0:
-            raise UsageError(f"--max_restarts must be >= 0, got {spec.max_restarts}")
-        if spec.retries < 0:
-            raise UsageError(f"--retries must be >= 0, got {spec.retries}")
-        if spec.cloud not in ("none", "auto", "aws", "gcp", "azure"):
-            raise UsageError(f"unknown --cloud {spec.cloud!r}; choose aws, gcp, azure, auto or none")
-        if spec.grace_period <= 0:
-            raise UsageError(f"--grace-period must be > 0 seconds, got {spec.grace_period}")
-        if spec.every_n_train_steps is not None and spec.every_n_train_steps < 1:
-            raise UsageError(f"--every-n-train-steps must be >= 1, got {spec.every_n_train_steps}")
-        if spec.every_n_seconds is not None and spec.every_n_seconds <= 0:
-            raise UsageError(f"--every-n-seconds must be > 0, got {spec.every_n_seconds}")
+        if spec.backend == "slurm":
+            slurm.precheck(spec)  # SLURM's own word on the request, before anything is written
+        else:
+            instances.visible_devices(
+                instance, instances.gpu_count()
+            )  # more GPUs than this machine has: say so now
         name = spec.name or self._generate_name()
-        if not _NAME.match(name):
-            raise UsageError(f"invalid experiment name {name!r}: letters, digits, '.', '_', '-' (max 64)")
-        store = spec.artifacts or os.path.join(self.home, "artifacts")
-        if "://" not in store:
-            store = os.path.abspath(store)  # the script runs elsewhere: a relative path would move with it
-        artifacts_url = store.rstrip("/") + f"/{name}"
-        _check_url(artifacts_url)
+        root = spec.artifacts or os.path.join(self.home, "artifacts")
+        if "://" not in root:
+            root = os.path.abspath(root)  # the script runs elsewhere: a relative path would move with it
+        _check_url(root)
+        layout = StoreLayout.of(root, name)
         if self.registry.exists(name):
             raise UsageError(
                 f"an experiment named {name!r} already exists (see: lightning-grid status {name})"
             )
+        spec = spec.with_(script=os.path.basename(script), name=name, artifacts=root)
         now = time.time()
         row = ExperimentRow(
-            name=name, status=Status.QUEUED, script=os.path.basename(script), args=list(spec.args),
-            source_dir=os.path.dirname(script), artifacts=artifacts_url, resumable=spec.resumable,
-            use_spot=spec.use_spot, instance_type=instance.name, max_restarts=spec.max_restarts,
-            retries=spec.retries, grace_period=spec.grace_period, simulate=list(spec.simulate_preemptions),
-            cloud=spec.cloud, restarts=0, failures=0, reason="", stop_requested=False, created=now, updated=now,
-            every_n_train_steps=spec.every_n_train_steps, every_n_seconds=spec.every_n_seconds,
+            name=name, id=new_id(), status=Status.QUEUED, spec=spec, source_dir=os.path.dirname(script),
+            artifacts=layout.base, created=now, updated=now,
         )  # fmt: skip
-        with self._lock(name):
-            # The execution directory starts as a copy of the script's folder, kept in the store;
-            # captured before the experiment exists, so a failed capture leaves nothing half-made.
-            stats = artifacts.upload(row.source_dir, self.execdir_url(row))
+        with self._lock(name, remove_on_error=True):
+            # The folder in the store is bound to this experiment before anything is copied into it,
+            # and the execution directory is captured before the experiment exists, so a failure
+            # leaves nothing half-made (and another experiment's folder untouched).
+            fresh = False
+            try:
+                fresh = layout.owner() is None
+                layout.claim(row.id, name)
+                stats = artifacts.upload(row.source_dir, layout.execdir)
+            except UsageError:
+                raise
+            except Exception as exc:  # any backend's failure: the store cannot be used, say why
+                if fresh:
+                    _remove_quietly(layout.base)
+                raise UsageError(f"cannot use the artifact store {root}: {_one_line(exc)}") from None
             self.registry.create(row)
-            self.registry.note(
-                name, f"execution directory captured from {row.source_dir}: {stats.describe()}"
+            self.registry.record(
+                name,
+                Kind.CAPTURED,
+                f"execution directory captured from {row.source_dir}: {stats.describe()}",
+                seconds=stats.seconds,
             )
+        if spec.backend == "slurm":
+            slurm.submit(self, row)
         if spec.simulate_preemptions and not spec.use_spot:
             self.say(
                 "note: --simulate-preemptions without --use_spot: preemptions only happen on spot capacity"
@@ -153,63 +154,102 @@ class Engine:
                 return name
         raise LightningGridError("could not generate a free experiment name; pass --name")
 
-    # -- paths -------------------------------------------------------------------------------------
-    @staticmethod
-    def execdir_url(row: ExperimentRow) -> str:
-        return f"{row.artifacts}/execdir"
-
-    @staticmethod
-    def checkpoints_url(row: ExperimentRow) -> str:
-        return f"{row.artifacts}/checkpoints"
+    def _run_dir(self, name: str) -> str:
+        return os.path.join(self.home, "runs", name)
 
     def _attempt_dir(self, name: str, number: int) -> str:
-        return os.path.join(self.home, "runs", name, f"attempt-{number}")
+        return os.path.join(self._run_dir(name), f"attempt-{number}")
 
     @contextlib.contextmanager
-    def _lock(self, name: str, wait: bool = False) -> Iterator[None]:
+    def _lock(self, name: str, remove_on_error: bool = False) -> Iterator[None]:
+        """One launcher per experiment. ``remove_on_error``: a submit that fails leaves no lock file."""
+        validate_name(name)  # the name becomes a file name: never a path
         folder = os.path.join(self.home, "locks")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"{name}.lock"), "w") as handle:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        path = os.path.join(folder, f"{name}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "r+") as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise UsageError(f"experiment {name!r} is being run by another launcher") from None
-            yield
+            try:
+                yield
+            except BaseException:
+                if remove_on_error:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                raise
+
+    def supervised(self, name: str) -> bool:
+        """Whether a launcher holds this experiment right now (a non-blocking look at its lock)."""
+        validate_name(name)
+        path = os.path.join(self.home, "locks", f"{name}.lock")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing releases a lock we took
+        return False
 
     # -- run ---------------------------------------------------------------------------------------
     def run(self, name: str) -> ExperimentRow:
         """Supervise ``name`` until it ends or this launcher is told to stop. Returns the final row."""
+        validate_name(name)
+        self.registry.get(name)  # a clear error for an unknown name, before any file is made
         with self._lock(name):
             row = self.registry.get(name)
+            if row.status is Status.FAILED:
+                # The user asks for it, after fixing what failed (space freed, a bug fixed): its
+                # committed checkpoints are still there to continue from.
+                self.registry.transition(name, Status.PENDING, "resumed by the user after it failed")
+                row = self.registry.get(name)
             if row.status.is_terminal():
                 raise UsageError(f"experiment {name!r} has already ended ({row.status.value})")
-            if self._wait_for_orphans(name):
+            if row.spec.backend == "slurm":
+                return slurm.follow(self, name)  # SLURM runs and requeues; this launcher follows
+            if self._end_orphan(name, wait=True):
                 self._repair(name, "the launcher was killed; its script got SIGTERM")
             else:
                 self._repair(name, "the previous launcher stopped after an attempt ended")
             signals = LauncherSignals()
             signals.install()
             try:
-                return self._loop(row, signals)
+                return self._loop(name, signals)
             finally:
                 signals.uninstall()
 
-    def _wait_for_orphans(self, name: str) -> bool:
-        """A previous launcher was SIGKILLed: its script got SIGTERM (parent-death signal) and may still
-        be saving. Never run two attempts at once: wait for it, within its grace period. Returns
-        whether there was such an attempt (now recorded as ended, its directory saved)."""
+    def _end_orphan(self, name: str, wait: bool) -> bool:
+        """A previous launcher was SIGKILLed: its script got SIGTERM (parent-death signal) and may
+        still be saving. Never run two attempts at once: wait for it (``wait``) within its grace
+        period, or signal it ourselves, then make sure nothing of its process group is left. A pid
+        is only signalled if its start time matches the attempt's (pids are reused). Returns whether
+        there was such an attempt (now recorded as ended, its directory saved)."""
         attempts = self.registry.attempts(name)
-        if not attempts or attempts[-1].ended is not None or attempts[-1].pid is None:
+        last = attempts[-1] if attempts else None
+        if last is None or last.ended is not None or last.pid is None:
             return False
-        last = attempts[-1]
+        pid = last.pid
+        row = self.registry.get(name)
         with contextlib.suppress(psutil.NoSuchProcess):
-            proc = psutil.Process(last.pid)
+            proc = psutil.Process(pid)
             if proc.create_time() <= last.started + 1:
-                self.say(f"waiting for attempt {last.number} (pid {last.pid}) of a previous launcher to exit")
+                self.say(f"ending attempt {last.number} (pid {last.pid}) of a previous launcher")
+                if not wait:
+                    _signal_group(pid, signal.SIGTERM)
                 try:
-                    proc.wait(timeout=self.registry.get(name).grace_period)
+                    proc.wait(timeout=row.spec.grace_period)
                 except psutil.TimeoutExpired:
-                    proc.kill()
+                    pass
+                _signal_group(pid, signal.SIGKILL)  # and whatever it left in its group
+        # Its children outlive it when they ignore the SIGTERM or left its group: they name the
+        # attempt in their environment.
+        kill_attempt_processes(name, last.number, row.layout.checkpoints)
         self.registry.update_attempt(
             name,
             last.number,
@@ -219,68 +259,8 @@ class Engine:
         )
         exec_dir = self._attempt_dir(name, last.number)
         if os.path.isdir(exec_dir):  # what the script saved on its way out
-            self._save_execdir(self.registry.get(name), last.number, exec_dir)
+            attempt.save_workdir(exec_dir, row.layout, _RegistryObserver(self, name, last.number))
         return True
-
-    def _loop(self, row: ExperimentRow, signals: LauncherSignals) -> ExperimentRow:
-        name = row.name
-        instance = instances.lookup(row.instance_type)
-        available = _gpu_count()
-        devices = instances.visible_devices(instance, available, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        if instance.gpus and not available:
-            self.say(
-                f"{instance.name} has {instance.gpus} {instance.gpu} GPU(s); this machine has none, running on CPU"
-            )
-        while True:
-            row = self.registry.get(name)
-            if row.stop_requested:
-                self._finish_stop(row)
-                return self.registry.get(name)
-            if signals.received is not None and row.status is Status.PENDING:
-                # Told to stop between attempts: starting one now would only be interrupted at once.
-                self.say(f"{name} is pending; continue it with: lightning-grid run --resume {name}")
-                return row
-            number = len(self.registry.attempts(name)) + 1
-            if row.status is Status.PENDING:
-                self.registry.transition(name, Status.RESTORING, f"restoring for attempt {number}")
-            exec_dir = self._attempt_dir(name, number)
-            shutil.rmtree(exec_dir, ignore_errors=True)
-            stats = artifacts.restore(self.execdir_url(row), exec_dir)
-            self.registry.note(name, f"attempt {number}: execution directory restored ({stats.describe()})")
-            status_now = self.registry.get(name).status
-            if status_now is not Status.RUNNING:
-                self.registry.transition(name, Status.RUNNING, f"attempt {number} started")
-            outcome = self._attempt(row, number, exec_dir, devices, signals)
-            self._save_execdir(row, number, exec_dir)
-            row = self.registry.get(name)
-            decision = decide(outcome, row.restarts, row.max_restarts, row.failures, row.retries)
-            if decision.relaunch:
-                preempted = outcome in (Outcome.PREEMPTED, Outcome.KILLED)
-                counters = {"restarts": row.restarts + 1} if preempted else {"failures": row.failures + 1}
-                # After a notice the experiment waits (pending); a plain crash is relaunched at once.
-                target = (
-                    Status.PENDING if row.status is Status.INTERRUPTING or preempted else Status.RESTORING
-                )
-                self.registry.transition(name, target, decision.reason, **counters)
-            else:
-                self.registry.transition(name, decision.status, decision.reason)
-            if not decision.relaunch:
-                return self.registry.get(name)
-            if signals.received is not None:
-                self.say(f"{name} is pending; continue it with: lightning-grid run --resume {name}")
-                return self.registry.get(name)
-            self.say(f"{name}: {decision.reason}; relaunching")
-
-    def _save_execdir(self, row: ExperimentRow, number: int, exec_dir: str) -> None:
-        """Sync an attempt's directory; a store that fails here is an event, not a stuck experiment."""
-        try:
-            sync = artifacts.upload(exec_dir, self.execdir_url(row))
-        except LightningGridError as exc:
-            self.registry.note(row.name, f"attempt {number}: saving the execution directory failed: {exc}")
-            self.say(f"warning: {exc}")
-            return
-        self._sync_s[row.name] = sync.seconds
-        self.registry.note(row.name, f"attempt {number}: execution directory saved ({sync.describe()})")
 
     def _repair(self, name: str, why: str) -> None:
         """A launcher that died left a live status behind an ended attempt: record the interruption
@@ -297,105 +277,119 @@ class Engine:
             self.registry.transition(name, Status.INTERRUPTING, why)
         self.registry.transition(name, Status.PENDING, "waiting for a launcher")
 
-    def _attempt(
-        self, row: ExperimentRow, number: int, exec_dir: str, devices: str | None, signals: LauncherSignals
-    ) -> Outcome:
-        name = row.name
-        ckpt_url = self.checkpoints_url(row)
-        run_dir = os.path.join(self.home, "runs", name)
-        log_path = os.path.join(run_dir, f"attempt-{number}.log")
-        os.makedirs(run_dir, exist_ok=True)
-        store = CheckpointStore(ckpt_url)
-        window = ShutdownWindow(
-            store,
-            notice_path=os.path.join(run_dir, f"attempt-{number}.notice.json"),
-            spool_dir=os.path.join(run_dir, f"spool-{number}"),
-            sync_s=self._sync_s.get(name, 0.0),
-        )
-        contract = Contract(
-            resumable=row.resumable,
-            checkpoints=ckpt_url,
-            experiment=name,
-            attempt=number,
-            notice_file=window.notice_path,
-            every_n_train_steps=row.every_n_train_steps,
-            every_n_seconds=row.every_n_seconds,
-        )
-        env = attempt_env(contract, devices)
-        simulated = row.simulate[number - 1] if row.use_spot and number - 1 < len(row.simulate) else None
-        sources: list[NoticeSource] = [SimulatedPreemption(simulated), signals, *cloud_notices(row.cloud)]
-
-        def on_start(pid: int) -> None:
-            self.registry.start_attempt(name, number, pid, log_path)
-
-        def on_notice(notice: Notice, window_s: float) -> None:
-            self.registry.note(name, f"attempt {number}: notice from {notice.source}: {notice.reason}")
-            plan = window.plan(window_s) if row.resumable else None
-            if plan is not None:
-                self.registry.note(name, f"attempt {number}: shutdown plan {plan.plan.value}: {plan.reason}")
-            if notice.source != "user":  # a user's stop goes straight to stopped after the attempt
-                self.registry.transition(name, Status.INTERRUPTING, f"{notice.reason}; SIGTERM sent")
-            self.say(f"{name}: {notice.reason}; sending SIGTERM, {window_s:g}s until SIGKILL")
-
-        store.clear_marker()
-        store.clear_marker(COMPLETED_MARKER)
-        result = run_attempt(
-            [sys.executable, row.script, *row.args],
-            cwd=exec_dir,
-            env=env,
-            log_path=log_path,
-            notices=sources,
-            grace_period=row.grace_period,
-            stop_requested=lambda: self.registry.stop_requested(name),
-            on_start=on_start,
-            on_notice=on_notice,
-            echo=self.echo,
-        )
-        published = window.publish()
-        if published is not None:
-            self.registry.note(name, f"attempt {number}: {published}")
-        marker = store.read_marker()
-        noticed = result.notice is not None and result.notice.source != "user"
-        if noticed and result.exit_code == 0 and marker is None and store.read_marker(COMPLETED_MARKER):
-            noticed = False  # training had finished and the script ended on its own: a success
-        outcome = classify(
-            result.exit_code, noticed, result.killed_after_grace, row.resumable, result.stopped
-        )
-        reason = outcome.value
-        redo = _steps_redone(outcome, marker)
-        if outcome is Outcome.PREEMPTED:
-            if marker is None:
-                reason = "preempted; exited 0 (no checkpoint marker)"
-            elif redo:
-                reason = f"preempted; no new save fitted, kept the checkpoint at step {marker['step']} ({redo} steps to redo)"
-            else:
-                reason = f"preempted; checkpoint at step {marker['step']}"
-        elif outcome is Outcome.KILLED:
-            allowed = result.window_s if result.window_s is not None else row.grace_period
-            reason = f"no exit within the {allowed:.3g}s the notice allowed: SIGKILL"
-        elif outcome is Outcome.FAILED:
-            reason = f"exited {result.exit_code}"
-        self.registry.update_attempt(
-            name,
-            number,
-            ended=time.time(),
-            exit_code=result.exit_code,
-            outcome=outcome.value,
-            reason=reason,
-            notice_at=result.notice_at,
-            checkpoint_step=marker["step"] if marker else None,
-            steps_redone=redo,
-        )
-        if result.exit_after_sigterm_s is not None:
-            used = ""
-            if result.window_s:
-                used = f", {100 * result.exit_after_sigterm_s / result.window_s:.0f}% of its {result.window_s:.0f}s window"
-            self.registry.note(
-                name,
-                f"attempt {number}: SIGTERM {result.sigterm_after_notice_s or 0:.2f}s after the notice, exit"
-                f" {result.exit_after_sigterm_s:.2f}s after SIGTERM{used}",
+    def _loop(self, name: str, signals: LauncherSignals) -> ExperimentRow:
+        spec = self.registry.get(name).spec
+        instance = instances.lookup(spec.instance_type)
+        available = instances.gpu_count()
+        devices = instances.visible_devices(instance, available, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if instance.gpus and not available:
+            self.say(
+                f"{instance.name} has {instance.gpus} {instance.gpu} GPU(s); this machine has none, running on CPU"
             )
-        return outcome
+        while True:
+            row = self.registry.get(name)
+            if row.stop_requested:
+                self._finish_stop(row)
+                return self.registry.get(name)
+            if signals.received is not None and row.status is Status.PENDING:
+                # Told to stop between attempts: starting one now would only be interrupted at once.
+                self.say(f"{name} is pending; continue it with: lightning-grid run --resume {name}")
+                return row
+            if row.retry_at is not None and time.time() < row.retry_at:
+                time.sleep(min(0.5, row.retry_at - time.time()))
+                continue
+            if row.status is Status.PENDING and not self._notice_cleared(name, spec, signals):
+                continue  # told to stop while waiting: the checks above act on it
+            number = len(self.registry.attempts(name)) + 1
+            if row.status is Status.PENDING:
+                self.registry.transition(
+                    name, Status.RESTORING, f"restoring for attempt {number}", attempt=number
+                )
+            setup = attempt.AttemptSetup(
+                number=number,
+                spec=spec,
+                command=spec.command(sys.executable),
+                workdir=self._attempt_dir(name, number),
+                layout=row.layout,
+                log_path=os.path.join(self._run_dir(name), f"attempt-{number}.log"),
+                private_dir=os.path.join(self._run_dir(name), "private"),
+                devices=devices,
+                sync_s=self._last_sync_s(name),
+                experiment_id=row.id,
+                last_checkpoint_step=self._last_checkpoint_step(name),
+                echo=self.echo,
+            )
+            try:
+                report = attempt.run(
+                    setup, notice_sources(spec, number, signals), _RegistryObserver(self, name, number)
+                )
+            except StoreError as exc:
+                # The store did not answer before the script started: nothing ran, nothing is lost.
+                self.registry.transition(name, Status.PENDING, str(exc), attempt=number)
+                self.say(f"{exc}; {name} is pending: continue it with: lightning-grid run --resume {name}")
+                return self.registry.get(name)
+            self.registry.update_attempt(
+                name,
+                number,
+                ended=time.time(),
+                exit_code=report.exit_code,
+                outcome=report.outcome.value,
+                reason=report.reason,
+                notice_at=report.notice_at,
+                checkpoint_step=report.checkpoint_step,
+                steps_redone=report.steps_redone,
+            )
+            row = self.registry.get(name)
+            budgets = Budgets(row.restarts, spec.max_restarts, row.failures, spec.retries, spec.retry_delay)
+            decision = decide(report.outcome, budgets)
+            self.registry.transition(
+                name,
+                decision.status,
+                decision.reason,
+                attempt=number,
+                restarts=decision.restarts,
+                failures=decision.failures,
+                retry_at=time.time() + decision.delay_s if decision.delay_s else None,
+            )
+            if not decision.relaunch:
+                return self.registry.get(name)
+            if signals.received is not None:
+                self.say(f"{name} is pending; continue it with: lightning-grid run --resume {name}")
+                return self.registry.get(name)
+            self.say(f"{name}: {decision.reason}; relaunching")
+
+    def _notice_cleared(self, name: str, spec: Spec, signals: LauncherSignals, poll_s: float = 2.0) -> bool:
+        """One notice is one preemption: while this machine's own interruption notice stands, a
+        relaunch here would only be interrupted again (a restart storm that spends the budget in
+        seconds). Wait in ``pending`` until the notice is withdrawn — or the machine goes, and
+        this launcher with it. Returns False if told to stop while waiting."""
+        announced = False
+        while True:
+            standing = next((n for n in (s.poll() for s in cloud_notices(spec.cloud)) if n), None)
+            if standing is None:
+                if announced:
+                    self.registry.note(name, "the interruption notice was withdrawn: relaunching here")
+                return True
+            if not announced:
+                announced = True
+                self.registry.note(
+                    name, f"{standing.source}'s interruption notice still stands: waiting for it to clear"
+                )
+                self.say(f"{name}: this machine's interruption notice still stands; waiting (pending)")
+            deadline = time.monotonic() + poll_s
+            while time.monotonic() < deadline:
+                if signals.received is not None or self.registry.stop_requested(name):
+                    return False
+                time.sleep(0.1)
+
+    def _last_checkpoint_step(self, name: str) -> int | None:
+        steps = [a.checkpoint_step for a in self.registry.attempts(name) if a.checkpoint_step is not None]
+        return max(steps) if steps else None
+
+    def _last_sync_s(self, name: str) -> float:
+        """How long the last execution-directory sync took, from the story (it outlives launchers)."""
+        synced = [e for e in self.registry.events(name) if e.kind == Kind.SYNCED.value]
+        return float(synced[-1].data.get("seconds") or 0.0) if synced else 0.0
 
     def _finish_stop(self, row: ExperimentRow) -> None:
         if not row.status.is_terminal():
@@ -403,44 +397,40 @@ class Engine:
 
     # -- stop --------------------------------------------------------------------------------------
     def stop(self, name: str) -> ExperimentRow:
+        validate_name(name)
         row = self.registry.get(name)
         if row.status.is_terminal():
             return row
+        if row.spec.backend == "slurm":
+            return slurm.stop(self, name)
         self.registry.request_stop(name)
         try:
             with self._lock(name):
-                # No launcher holds it: nobody else will act on the request.
+                # No launcher holds it: nobody else will act on the request. A script its killed
+                # launcher left running is ended here, not left burning money.
+                self._end_orphan(name, wait=False)
                 self._finish_stop(self.registry.get(name))
         except UsageError:
-            deadline = time.monotonic() + row.grace_period + 30
+            deadline = time.monotonic() + row.spec.grace_period + 30
             while time.monotonic() < deadline and not self.registry.get(name).status.is_terminal():
                 time.sleep(0.2)
         return self.registry.get(name)
 
 
-def _steps_redone(outcome: Outcome, marker: dict[str, Any] | None) -> int | None:
-    """Steps the next attempt computes again: none after a full save; those since the checkpoint
-    kept when no new save fitted the notice's window; unknown after a SIGKILL."""
-    if outcome is not Outcome.PREEMPTED or marker is None:
-        return None
-    return max(0, int(marker.get("left_at", marker["step"])) - int(marker["step"]))
+def _remove_quietly(url: str) -> None:
+    with contextlib.suppress(Exception):
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.rm(path, recursive=True)
 
 
-def _gpu_count() -> int:
-    """GPUs this launcher may hand out, without importing torch (the launcher stays small and quick)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    proc_dir = "/proc/driver/nvidia/gpus"
-    if os.path.isdir(proc_dir):
-        return len(os.listdir(proc_dir))
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return 0
-        return sum(line.startswith("GPU ") for line in out.splitlines())
-    return 0
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
 
 
 def _check_url(url: str) -> None:

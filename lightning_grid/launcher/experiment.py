@@ -8,7 +8,9 @@
             interrupting ─(exit 0 + checkpoint, resumable)─▶ pending ─▶ restoring ─▶ running ...
                  ├──────(not resumable / exit≠0)──────────▶ failed
                  └──────(training finished first)─────────▶ succeeded
+       running ─(exit≠0, a retry left)─▶ pending (until the retry's time) ─▶ restoring ─▶ running ...
        any live status ─(lightning-grid stop)─▶ stopped
+       failed ─(lightning-grid run --resume, the user's word)─▶ pending
 """
 
 from __future__ import annotations
@@ -16,14 +18,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Status", "Outcome", "TRANSITIONS", "can_transition", "classify", "Decision", "decide"]
+from lightning_grid.launcher.spec import MAX_RETRY_DELAY_S
+
+__all__ = [
+    "Status",
+    "Outcome",
+    "TRANSITIONS",
+    "can_transition",
+    "classify",
+    "Budgets",
+    "Decision",
+    "decide",
+    "retry_delay",
+]
 
 
 class Status(str, Enum):
     QUEUED = "queued"  # submitted, execution directory prepared, no attempt yet
     RUNNING = "running"  # an attempt's process is alive
     INTERRUPTING = "interrupting"  # a notice came (or the launcher was told to stop): SIGTERM sent, waiting
-    PENDING = "pending"  # interrupted with its state saved; waiting for capacity / a launcher
+    PENDING = "pending"  # waiting to relaunch: for capacity, a launcher, or a crash retry's time
     RESTORING = "restoring"  # fresh execution directory being restored from the artifact store
     SUCCEEDED = "succeeded"  # the script exited 0 without a notice
     FAILED = "failed"  # the script failed, was interrupted without being resumable, or a budget ran out
@@ -36,16 +50,19 @@ class Status(str, Enum):
 _LIVE = (Status.QUEUED, Status.RUNNING, Status.INTERRUPTING, Status.PENDING, Status.RESTORING)
 
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.QUEUED: frozenset({Status.RUNNING, Status.FAILED, Status.STOPPED}),
+    # queued/restoring → pending: the store did not answer before the script started.
+    Status.QUEUED: frozenset({Status.RUNNING, Status.PENDING, Status.FAILED, Status.STOPPED}),
+    # running → pending: a crash waiting for its retry (all relaunches wait in pending).
     Status.RUNNING: frozenset(
-        {Status.SUCCEEDED, Status.FAILED, Status.INTERRUPTING, Status.RESTORING, Status.STOPPED}
+        {Status.SUCCEEDED, Status.FAILED, Status.INTERRUPTING, Status.PENDING, Status.STOPPED}
     ),
     # A notice in the last steps: the script may finish training before it acts on the SIGTERM.
     Status.INTERRUPTING: frozenset({Status.PENDING, Status.SUCCEEDED, Status.FAILED, Status.STOPPED}),
     Status.PENDING: frozenset({Status.RESTORING, Status.FAILED, Status.STOPPED}),
-    Status.RESTORING: frozenset({Status.RUNNING, Status.FAILED, Status.STOPPED}),
+    Status.RESTORING: frozenset({Status.RUNNING, Status.PENDING, Status.FAILED, Status.STOPPED}),
     Status.SUCCEEDED: frozenset(),
-    Status.FAILED: frozenset(),
+    # Only on the user's word (``run --resume``): continue from its committed checkpoints.
+    Status.FAILED: frozenset({Status.PENDING}),
     Status.STOPPED: frozenset(),
 }
 assert all(Status.STOPPED in TRANSITIONS[s] for s in _LIVE)
@@ -84,26 +101,64 @@ def classify(
 
 
 @dataclass(frozen=True)
+class Budgets:
+    """The counters and limits a decision weighs (the experiment's spec and its story so far)."""
+
+    restarts: int  # preemptions survived so far
+    max_restarts: int
+    failures: int  # crashes retried so far
+    retries: int
+    retry_delay: float  # seconds before the first crash retry
+
+
+@dataclass(frozen=True)
 class Decision:
+    """What follows an attempt. The front end applies it as it is: it never second-guesses it."""
+
     status: Status  # where the experiment goes next
     relaunch: bool
     reason: str
+    restarts: int  # the counters after this attempt
+    failures: int
+    delay_s: float = 0.0  # wait this long before the next attempt (crash retries back off)
 
 
-def decide(outcome: Outcome, restarts: int, max_restarts: int, failures: int, retries: int) -> Decision:
-    """Outcome + budgets → next status. Preemptions and failures have separate budgets: a crash is
-    not a preemption, and a crash loop must end."""
+def retry_delay(first_s: float, retry_number: int) -> float:
+    """Exponential backoff for crash retries: first_s, 2·first_s, 4·first_s …, capped."""
+    return min(MAX_RETRY_DELAY_S, first_s * 2 ** max(0, retry_number - 1))
+
+
+def decide(outcome: Outcome, budgets: Budgets) -> Decision:
+    """Outcome + budgets → next status, counters and delay. Pure, and the only place this is decided.
+
+    Preemptions and crashes have separate budgets: a crash is not a preemption, and a crash loop
+    must end. A preemption relaunches at once (the work is saved; waiting gains nothing); a crash
+    waits, longer each time, so that a transient cause can pass. Every relaunch goes through
+    ``pending``: the experiment waits there for capacity, a launcher, or its retry time."""
+    b = budgets
+    same = {"restarts": b.restarts, "failures": b.failures}
     if outcome is Outcome.SUCCEEDED:
-        return Decision(Status.SUCCEEDED, False, "exited 0")
+        return Decision(Status.SUCCEEDED, False, "exited 0", **same)
     if outcome is Outcome.STOPPED:
-        return Decision(Status.STOPPED, False, "stopped by the user")
+        return Decision(Status.STOPPED, False, "stopped by the user", **same)
     if outcome is Outcome.INTERRUPTED_NOT_RESUMABLE:
-        return Decision(Status.FAILED, False, "interrupted (not resumable)")
+        return Decision(Status.FAILED, False, "interrupted (not resumable)", **same)
     if outcome in (Outcome.PREEMPTED, Outcome.KILLED):
-        if restarts >= max_restarts:
-            return Decision(Status.FAILED, False, f"preempted; max_restarts={max_restarts} reached")
+        if b.restarts >= b.max_restarts:
+            return Decision(Status.FAILED, False, f"preempted; max_restarts={b.max_restarts} reached", **same)
         how = "preempted" if outcome is Outcome.PREEMPTED else "preempted; killed after the grace period"
-        return Decision(Status.PENDING, True, how)
-    if failures < retries:
-        return Decision(Status.PENDING, True, f"failed; retry {failures + 1} of {retries}")
-    return Decision(Status.FAILED, False, "failed" if retries == 0 else f"failed; retries={retries} used")
+        return Decision(Status.PENDING, True, how, restarts=b.restarts + 1, failures=b.failures)
+    if b.failures < b.retries:
+        number = b.failures + 1
+        delay = retry_delay(b.retry_delay, number)
+        return Decision(
+            Status.PENDING,
+            True,
+            f"failed; retry {number} of {b.retries} in {delay:g}s",
+            restarts=b.restarts,
+            failures=number,
+            delay_s=delay,
+        )
+    return Decision(
+        Status.FAILED, False, "failed" if b.retries == 0 else f"failed; retries={b.retries} used", **same
+    )

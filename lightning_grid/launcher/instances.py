@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
 from lightning_grid.errors import UsageError
 
-__all__ = ["InstanceType", "catalogue", "lookup", "visible_devices"]
+__all__ = ["InstanceType", "catalogue", "lookup", "visible_devices", "gpu_count"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,20 @@ def visible_devices(instance: InstanceType, available_gpus: int, allowed: str | 
     if allowed is not None:
         return ",".join([d.strip() for d in allowed.split(",") if d.strip()][: instance.gpus])
     return ",".join(str(i) for i in range(instance.gpus))
+
+
+def gpu_count() -> int:
+    """GPUs this launcher may hand out, without importing torch (the launcher stays small and quick)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    proc_dir = "/proc/driver/nvidia/gpus"
+    if os.path.isdir(proc_dir):
+        return len(os.listdir(proc_dir))
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        return sum(line.startswith("GPU ") for line in out.splitlines())
+    return 0

@@ -29,7 +29,9 @@ __all__ = [
     "AWSSpotNotices",
     "GCPPreemptionNotices",
     "AzureScheduledEvents",
+    "SlurmSignals",
     "cloud_notices",
+    "notice_sources",
     "CLOUDS",
 ]
 
@@ -64,10 +66,18 @@ class SimulatedPreemption:
 
 
 class LauncherSignals:
-    """SIGTERM/SIGINT to the launcher itself (its machine is going down): interrupt in order too."""
+    """SIGTERM/SIGINT to the launcher itself (its machine is going down, or Ctrl-C): interrupt in
+    order too. A SIGINT after the first signal (a second Ctrl-C) sets :attr:`escalated`: the
+    attempt's supervisor then SIGKILLs the script's process group at once instead of waiting out
+    the grace period; its last committed checkpoint stays."""
+
+    #: The instance installed last in this process: the CLI asks it, after the engine returns,
+    #: whether a second Ctrl-C ended the run (exit 130).
+    latest: LauncherSignals | None = None
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
+        self.escalated = False
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -75,6 +85,7 @@ class LauncherSignals:
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handler)
+        LauncherSignals.latest = self
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -82,13 +93,63 @@ class LauncherSignals:
         self._previous.clear()
 
     def _handler(self, signum: int, frame: object) -> None:
+        received = signal.Signals(signum)
         if self.received is None:
-            self.received = signal.Signals(signum)
+            self.received = received
+            if received is signal.SIGINT:
+                self._announce(
+                    "stopping in order: the script gets SIGTERM to save and exit; press Ctrl-C again to kill it now"
+                )
+        elif received is signal.SIGINT and not self.escalated:
+            self.escalated = True
+            self._announce("killing the script now (SIGKILL); its last committed checkpoint stays")
 
     def poll(self) -> Notice | None:
         if self.received is not None:
             return Notice("launcher", f"the launcher received {self.received.name}")
         return None
+
+    @staticmethod
+    def _announce(message: str) -> None:
+        """One line on stderr from a signal handler: a raw write, which cannot re-enter a buffered
+        stream the interrupted code was in the middle of writing to."""
+        try:
+            os.write(2, f"lightning-grid: {message}\n".encode(errors="replace"))
+        except OSError:
+            pass
+
+
+class SlurmSignals:
+    """The SIGTERM SLURM sends a job step when it preempts the job (or cancels it, or its time
+    limit comes), as a notice with SLURM's own window: the partition's ``GraceTime`` (``KillWait``
+    when there is none: the time from SLURM's SIGTERM to its SIGKILL), less ``margin_s`` for the
+    agent's own work after the script's exit (publishing, syncing, the story). Wraps the agent's
+    :class:`LauncherSignals`: a SIGINT is still the agent's own interruption."""
+
+    def __init__(
+        self, signals: LauncherSignals, window_s: float, job: str, margin_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.signals = signals
+        self.window_s = max(0.0, window_s - margin_s)
+        self.job = job
+        self.clock = clock
+        self._notice: Notice | None = None
+
+    @property
+    def escalated(self) -> bool:
+        return self.signals.escalated
+
+    def poll(self) -> Notice | None:
+        if self._notice is None and self.signals.received is signal.SIGTERM:
+            self._notice = Notice(
+                "slurm",
+                f"SLURM sent job {self.job} SIGTERM (preemption, cancel or time limit): {self.window_s:g}s to SIGKILL",
+                self.clock() + self.window_s,
+            )
+        if self._notice is None:
+            return self.signals.poll()
+        return self._notice
 
 
 def _mono_deadline(wall_deadline: float) -> float:
@@ -277,3 +338,12 @@ def cloud_notices(
         found.append(source)
         break
     return found
+
+
+def notice_sources(spec: Any, number: int, signals: NoticeSource) -> list[NoticeSource]:
+    """Everything that can interrupt attempt ``number`` of an experiment with this spec (a
+    :class:`~lightning_grid.launcher.spec.Spec`): the simulator on spot capacity, the launcher's
+    own signals, and the cloud's metadata service."""
+    simulated = spec.simulate_preemptions
+    after = simulated[number - 1] if spec.use_spot and number - 1 < len(simulated) else None
+    return [SimulatedPreemption(after), signals, *cloud_notices(spec.cloud)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from lightning_grid.launcher import instances
@@ -33,21 +34,26 @@ def describe(registry: Registry, name: str) -> dict[str, Any]:
     saving = sum((a.ended - a.notice_at) for a in attempts if a.ended and a.notice_at)
     pending = _spans(events, "pending", {"restoring", "failed", "stopped"})
     restoring = _spans(events, "restoring", {"running", "failed", "stopped"})
-    instance = instances.lookup(row.instance_type)
+    spec = row.spec
+    instance = instances.lookup(spec.instance_type)
     hours = running / 3600
-    price = instance.spot if row.use_spot else instance.on_demand
+    price = instance.spot if spec.use_spot else instance.on_demand
     return {
         "name": row.name,
         "status": row.status.value,
         "reason": row.reason,
-        "script": row.script,
-        "args": row.args,
-        "instance_type": row.instance_type,
-        "use_spot": row.use_spot,
-        "resumable": row.resumable,
+        "id": row.id,
+        "script": spec.script,
+        "args": list(spec.args),
+        "instance_type": spec.instance_type,
+        "use_spot": spec.use_spot,
+        "resumable": spec.resumable,
         "artifacts": row.artifacts,
+        "spec": asdict(spec),
         "restarts": row.restarts,
         "failures": row.failures,
+        # A crash retry waiting out its backoff: when the next attempt starts.
+        "retry_at": row.retry_at if row.status.value == "pending" else None,
         "created": row.created,
         "attempts": [
             {
@@ -66,7 +72,16 @@ def describe(registry: Registry, name: str) -> dict[str, Any]:
             for a in attempts
         ],
         "events": [
-            {"time": e.time, "from": e.from_status, "to": e.to_status, "reason": e.reason} for e in events
+            {
+                "time": e.time,
+                "kind": e.kind,
+                "attempt": e.attempt,
+                "from": e.from_status,
+                "to": e.to_status,
+                "reason": e.reason,
+                "data": e.data,
+            }
+            for e in events
         ],
         "bill": {
             "attempts": len(attempts),

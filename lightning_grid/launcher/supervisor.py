@@ -23,6 +23,8 @@ from lightning_grid.launcher.notices import Notice, NoticeSource
 
 __all__ = ["AttemptResult", "attempt_env", "run_attempt"]
 
+_CHUNK = 1 << 20  # bytes of a log copied at once
+
 
 @dataclass(frozen=True)
 class AttemptResult:
@@ -35,6 +37,7 @@ class AttemptResult:
     stopped: bool
     seconds: float
     window_s: float | None = None  # time the notice allowed, from the notice to SIGKILL
+    escalated: bool = False  # killed at once on the launcher's second interruption (a second Ctrl-C)
 
 
 def attempt_env(contract: Contract, devices: str | None = None) -> dict[str, str]:
@@ -71,12 +74,13 @@ class _Follower(threading.Thread):
         self.done = threading.Event()
 
     def _drain(self) -> None:
+        """Copy what is new in bounded chunks: a script that writes hundreds of MB between two polls
+        must not make the launcher hold them all at once."""
         with open(self.path, "rb") as handle:
             handle.seek(self.offset)
-            chunk = handle.read()
-        if chunk:
-            self.offset += len(chunk)
-            self.out.write(chunk)
+            while chunk := handle.read(_CHUNK):
+                self.offset += len(chunk)
+                self.out.write(chunk)
             self.out.flush()
 
     def run(self) -> None:
@@ -122,7 +126,7 @@ def run_attempt(
     notice: Notice | None = None
     notice_mono = sigterm_mono = None
     notice_wall = None
-    killed = stopped = False
+    killed = stopped = escalated = False
     deadline = None
     window = None
     next_stop_check = started
@@ -149,15 +153,22 @@ def run_attempt(
             elif deadline is not None and clock() >= deadline and not killed:
                 _signal_group(proc, signal.SIGKILL)
                 killed = True
+            # A source that asks to escalate (a second Ctrl-C to the launcher): the grace period
+            # is not waited out, the whole group is killed now.
+            if notice is not None and not killed and any(getattr(s, "escalated", False) for s in notices):
+                _signal_group(proc, signal.SIGKILL)
+                killed = escalated = True
             time.sleep(poll_s)
     except BaseException:
-        # The supervisor itself failed: never leave the script running unsupervised.
+        # The supervisor itself failed: never leave the script running unsupervised. A second
+        # interruption while the script saves (another Ctrl-C) kills it at once.
         _signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=grace_period)
         except subprocess.TimeoutExpired:
             pass
-        _signal_group(proc, signal.SIGKILL)
+        finally:
+            _signal_group(proc, signal.SIGKILL)
         raise
     finally:
         if follower is not None and proc.poll() is not None:
@@ -177,6 +188,7 @@ def run_attempt(
         stopped=stopped,
         seconds=ended - started,
         window_s=window,
+        escalated=escalated,
     )
 
 

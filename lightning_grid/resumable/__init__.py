@@ -1,6 +1,35 @@
-"""The in-process side: exact resume of a Lightning run after SIGTERM or SIGKILL."""
+"""The in-process side: exact resume of a Lightning run after SIGTERM or SIGKILL.
 
-from lightning_grid.resumable.callback import Preempted, Resumable
-from lightning_grid.resumable.trainer import Trainer
+Names load on first use, so that the callbacks-factory entry point (a submodule) costs nothing in a
+process that is not resuming.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_grid.resumable.callback import Preempted, Resumable
+    from lightning_grid.resumable.trainer import Trainer
 
 __all__ = ["Resumable", "Trainer", "Preempted"]
+
+_LAZY = {
+    "Resumable": "lightning_grid.resumable.callback",
+    "Preempted": "lightning_grid.resumable.callback",
+    "Trainer": "lightning_grid.resumable.trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_grid.resumable' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,8 +1,11 @@
 """Every use of a private Lightning API, in one place.
 
-Lightning offers no public hook for (a) the train loaders after it has processed them, (b) resuming
-from a checkpoint chosen by a callback, (c) the checkpoint dict without writing it, (d) whether
-validation will run after the current batch, or (e) reopening a logger's existing version. Each
+Lightning offers no public hook for (a) the train loaders after it has processed them (and the
+position of a stateful loader at the last batch trained rather than the last one its fetcher
+prefetched), (b) resuming from a checkpoint chosen by a callback, (c) the checkpoint dict without
+writing it, (d) whether validation will run after the current batch, (e) reopening a logger's
+existing version, (f) ending a fit at once after restoring a finished one, or (g) LightningCLI's
+config check on a resumed run. Each
 function below is pinned by ``tests/unit/test_lightning_internals.py`` so that a Lightning upgrade
 that moves one of them fails loudly there, not silently in a user's resumed run.
 """
@@ -10,17 +13,21 @@ that moves one of them fails loudly there, not silently in a user's resumed run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import os
 import shutil
+import sys
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
@@ -37,6 +44,8 @@ __all__ = [
     "take_lightning_sigterm",
     "reopen_logger",
     "protect_csv_log",
+    "skip_training",
+    "tolerate_same_cli_config",
     "PROCESS_START",
 ]
 
@@ -44,21 +53,84 @@ PROCESS_START = time.time()
 
 
 # -- (a) the train loaders, after Lightning processed them (DistributedSampler injected etc.) -------
+# Snapshots kept of stateful loaders' positions: Lightning's fetcher is at most a few batches ahead.
+_SNAPSHOTS = 8
+
+
 class _WrappingCombinedLoader(CombinedLoader):
-    """Applies a transform to each loader when Lightning assigns the processed loaders."""
+    """Applies a transform to each loader when Lightning assigns the processed loaders.
+
+    For train loaders it also answers Lightning's ``_state_dicts()`` (what a checkpoint stores of a
+    loader that has ``state_dict``, e.g. a StatefulDataLoader over an IterableDataset) with each
+    loader's state right after the *last batch handed to the training loop*. The live state would
+    already count the batches the data fetcher prefetched, and a resumed run would skip them.
+    """
 
     _transform: Callable[[Any], Any]
+    # Batches fetched but not handed to the training loop yet; None: do not track (validation).
+    _pending: Callable[[], int] | None = None
+    _yielded = 0
+    _snapshots: deque[tuple[int, list[Any]]] | None = None
 
     def _set_flattened(self, loaders: list[Any]) -> None:
         CombinedLoader.flattened.fset(self, [self._transform(dl) for dl in loaders])  # type: ignore[attr-defined]
 
     flattened = property(CombinedLoader.flattened.fget, _set_flattened)  # type: ignore[assignment,attr-defined]
 
+    def _tracked(self) -> list[Any]:
+        """Stateful loaders whose own state is their position (ours track theirs themselves)."""
+        return [
+            dl for dl in self.flattened if _is_stateful(dl) and not getattr(dl, "tracks_own_position", False)
+        ]
+
+    def __iter__(self) -> _WrappingCombinedLoader:
+        result = super().__iter__()
+        self._yielded = 0
+        self._snapshots = deque(maxlen=_SNAPSHOTS) if self._pending is not None and self._tracked() else None
+        return result  # type: ignore[return-value]
+
+    def __next__(self) -> Any:
+        out = super().__next__()
+        if self._snapshots is not None:
+            self._yielded += 1
+            # A copy: a loader may hand out its live (mutable) state.
+            self._snapshots.append(
+                (self._yielded, [copy.deepcopy(dl.state_dict()) for dl in self._tracked()])
+            )
+        return out
+
+    def _state_dicts(self) -> list[dict[str, Any]]:
+        live = super()._state_dicts()
+        if self._snapshots is None or self._pending is None:
+            return live
+        trained = self._yielded - self._pending()
+        found = next((states for count, states in self._snapshots if count == trained), None)
+        if found is None:
+            return live  # before the first batch, or further behind than we keep: Lightning's own
+        tracked = iter(found)
+        stateful = [dl for dl in self.flattened if _is_stateful(dl)]
+        return [
+            next(tracked) if not getattr(dl, "tracks_own_position", False) else state
+            for dl, state in zip(stateful, live)
+        ]
+
+
+def _is_stateful(loader: Any) -> bool:
+    """Lightning's own test of what ``_state_dicts`` saves (same order)."""
+    return isinstance(loader, _Stateful)
+
+
+def _prefetched(trainer: pl.Trainer) -> int:
+    """Batches Lightning's train data fetcher holds that the training loop has not received yet."""
+    fetcher = trainer.fit_loop._data_fetcher
+    return len(getattr(fetcher, "batches", None) or ())
+
 
 @dataclass
 class _WrappingSource(_DataLoaderSource):
     transform: Callable[[Any], Any] | None = None
     on_new_set: Callable[[], None] | None = None
+    pending: Callable[[], int] | None = None
 
     def dataloader(self) -> Any:
         if self.on_new_set is not None:
@@ -69,26 +141,32 @@ class _WrappingSource(_DataLoaderSource):
         else:
             combined = _WrappingCombinedLoader(loaders, "max_size_cycle")
         combined._transform = self.transform  # type: ignore[assignment]
+        combined._pending = self.pending
         return combined
 
 
 def _wrap_source(
-    loop: Any, transform: Callable[[Any], Any], on_new_set: Callable[[], None] | None = None
+    loop: Any,
+    transform: Callable[[Any], Any],
+    on_new_set: Callable[[], None] | None = None,
+    pending: Callable[[], int] | None = None,
 ) -> None:
     source = loop._data_source
     if isinstance(source, _WrappingSource):
         source.transform = transform
         source.on_new_set = on_new_set
+        source.pending = pending
         return
-    loop._data_source = _WrappingSource(source.instance, source.name, transform, on_new_set)
+    loop._data_source = _WrappingSource(source.instance, source.name, transform, on_new_set, pending)
 
 
 def wrap_train_loaders(
     trainer: pl.Trainer, transform: Callable[[Any], Any], on_new_set: Callable[[], None] | None = None
 ) -> None:
     """Route every train loader Lightning builds for this fit through ``transform``;
-    ``on_new_set`` runs before each new set of loaders is requested."""
-    _wrap_source(trainer.fit_loop, transform, on_new_set)
+    ``on_new_set`` runs before each new set of loaders is requested. Stateful loaders are saved at
+    the position of the last batch trained."""
+    _wrap_source(trainer.fit_loop, transform, on_new_set, lambda: _prefetched(trainer))
 
 
 def wrap_val_loaders(trainer: pl.Trainer, transform: Callable[[Any], Any]) -> None:
@@ -241,3 +319,82 @@ def _reopen_tensorboard(logger: TensorBoardLogger, version: Any, last_step: int)
     # TensorBoard ignores events at or after purge_step in the earlier event files of this run.
     logger._kwargs["purge_step"] = last_step + 1
     return True
+
+
+# -- (f) a fit that had already finished returns at once ------------------------------------------
+def skip_training(trainer: pl.Trainer) -> Callable[[], None]:
+    """Make the coming ``fit`` restore its checkpoint and train nothing (no sanity check, no batch,
+    no train hooks); returns the function that puts the trainer's limits back (for a later fit).
+
+    Lightning's own "done" test cannot be relied on: a run that ``EarlyStopping`` ended restores
+    with ``should_stop`` unset and would train on.
+    """
+    saved = (trainer.limit_train_batches, trainer.num_sanity_val_steps)
+    trainer.limit_train_batches = 0
+    trainer.num_sanity_val_steps = 0
+
+    def restore() -> None:
+        trainer.limit_train_batches, trainer.num_sanity_val_steps = saved
+
+    return restore
+
+
+# -- (g) LightningCLI: the same config in a resumed run is not "a previous run" -------------------
+_CLI_PATCHED = False
+
+
+def tolerate_same_cli_config(resuming: Callable[[pl.Trainer], bool]) -> None:
+    """Let LightningCLI's ``SaveConfigCallback`` continue a run whose config file is already there
+    with the same content, when ``resuming(trainer)`` says a Resumable may continue this run.
+
+    LightningCLI refuses to start where ``config.yaml`` exists, to protect a *previous* run's
+    results; a resumed run writes into the directory of the run it continues (the execution and
+    log directories are restored on purpose), so it would never start again. A different config
+    is still refused, as LightningCLI does; the seed is left out of the comparison, because a
+    resumed run restores its weights and every RNG from the checkpoint and LightningCLI draws a
+    new random seed per process unless one is given. Applies only once LightningCLI is imported.
+    """
+    global _CLI_PATCHED
+    if _CLI_PATCHED or "lightning.pytorch.cli" not in sys.modules:
+        return
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    original = SaveConfigCallback.setup
+
+    def setup(self: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.already_saved or self.overwrite or not self.save_to_log_dir or not resuming(trainer):
+            return original(self, trainer, pl_module, stage)
+        same = _same_cli_config(self, trainer)
+        if not same:
+            return original(self, trainer, pl_module, stage)
+        self.overwrite = True  # identical bytes: writing them again changes nothing
+        try:
+            return original(self, trainer, pl_module, stage)
+        finally:
+            self.overwrite = False
+
+    setup.__wrapped__ = original  # type: ignore[attr-defined]
+    SaveConfigCallback.setup = setup  # type: ignore[method-assign]
+    _CLI_PATCHED = True
+
+
+def _same_cli_config(callback: Any, trainer: pl.Trainer) -> bool:
+    import yaml
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
+    log_dir = trainer.log_dir  # every rank: it broadcasts
+    same = False
+    if trainer.is_global_zero and log_dir is not None:
+        path = os.path.join(log_dir, callback.config_filename)
+        try:
+            fs = get_filesystem(log_dir)
+            if fs.isfile(path):
+                saved = yaml.safe_load(fs.cat_file(path))
+                current = yaml.safe_load(callback.parser.dump(callback.config, skip_none=False))
+                if isinstance(saved, dict) and isinstance(current, dict):
+                    saved.pop("seed_everything", None)
+                    current.pop("seed_everything", None)
+                    same = saved == current
+        except Exception:  # unreadable or unparsable: LightningCLI decides, as it always did
+            same = False
+    return bool(trainer.strategy.broadcast(same))

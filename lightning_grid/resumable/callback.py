@@ -14,6 +14,16 @@ plus, under this callback's state key, every RNG and each train loader's positio
 :mod:`lightning_grid.resumable.dataloader`). The process exits at the start of the next batch,
 after that batch's data was fetched but before anything changes, so the metrics of the saved step
 are logged exactly once.
+
+Around ``fit``
+--------------
+When training ends a *final* checkpoint is committed. A run that finds one (the same command run
+again, or a relaunch after a notice that came after ``fit``) restores that state and returns from
+``fit`` at once, so the script's own code after ``fit`` runs on the final weights and nothing is
+trained twice. From the first fit until the process is gone a notice is an interruption wherever it
+lands (see :mod:`lightning_grid.resumable.signals`): it leaves a ``PREEMPTED`` marker naming the
+newest checkpoint and the process exits 0. ``COMPLETED`` is written only by the process's exit hook,
+when no notice came: "the script finished", not "training finished".
 """
 
 from __future__ import annotations
@@ -26,19 +36,27 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from lightning_grid.checkpoints import COMPLETED_MARKER, CheckpointStore, CommitRecord
 from lightning_grid.contract import Contract
-from lightning_grid.errors import CheckpointMismatchError, LightningGridError
+from lightning_grid.errors import (
+    CheckpointMismatchError,
+    LightningGridError,
+    StoreError,
+    StoreUnreachableError,
+    StoreWriteError,
+)
 from lightning_grid.resumable import _lightning, rng
 from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable, shield_workers
-from lightning_grid.resumable.signals import SignalFlag
+from lightning_grid.resumable.signals import SignalFlag, guard
 from lightning_grid.shutdown import Plan, ShutdownNotice, read_notice
 
 __all__ = ["Resumable", "Preempted"]
@@ -53,6 +71,84 @@ _STATE_VERSION = 1
 # The k-th fit() of a process (a multi-stage script) keeps its checkpoints apart from the others,
 # so a later stage never resumes from an earlier stage's state.
 _fits_in_process = 0
+
+
+class _Process:
+    """What the process-wide exit path needs once fits are over: where markers go (the launcher reads
+    them at the top of the checkpoint location, whichever fit wrote the checkpoint) and the newest
+    checkpoint that a relaunch would continue from with nothing lost."""
+
+    def __init__(self) -> None:
+        self.root: CheckpointStore | None = None  # markers (rank 0 only)
+        self.root_url: str | None = None
+        # The final checkpoint, or the one resumed from while nothing has been trained past it.
+        self.last: tuple[CheckpointStore, CommitRecord] | None = None
+        self.step = 0  # the last fit's global step
+        self.marker_written = False
+
+    def relative_name(self, store: CheckpointStore, record: CommitRecord) -> str:
+        """The checkpoint's name as seen from the root (``fit-2/ckpt-...`` for a later stage)."""
+        if self.root_url is None or store.url.rstrip("/") == self.root_url.rstrip("/"):
+            return record.name
+        return f"{store.url.rstrip('/')[len(self.root_url.rstrip('/')) + 1 :]}/{record.name}"
+
+
+_process = _Process()
+
+
+def _write_marker_outside_fit(signal_name: str) -> CommitRecord | None:
+    """A notice after fit (or between fits): the newest checkpoint holds everything; 0 steps redone."""
+    if _process.root is None or _process.last is None or _process.marker_written:
+        return None
+    store, record = _process.last
+    contract = Contract.from_env()
+    _process.root.write_marker(
+        {
+            "step": record.step,
+            "left_at": record.step,
+            "checkpoint": _process.relative_name(store, record),
+            "plan": "full",
+            "signal": signal_name,
+            "after_fit": True,
+            "time": time.time(),
+            "experiment": contract.experiment,
+            "attempt": contract.attempt,
+        }
+    )
+    _process.marker_written = True
+    return record
+
+
+def _on_signal_outside_fit(sig: signal.Signals) -> None:
+    """The guard's action for a notice outside any fit: record it, then leave with status 0."""
+    record = None
+    try:
+        record = _write_marker_outside_fit(sig.name)
+    except Exception as exc:  # the exit must still happen, and with status 0
+        log.warning("lightning_grid: the preemption marker could not be written: %s", exc)
+    if record is not None:
+        log.info(
+            "lightning_grid: %s received after training; the final checkpoint at step %d holds the trained state"
+            " (0 steps to redo); exiting with status 0",
+            sig.name,
+            record.step,
+        )
+    else:
+        log.info("lightning_grid: %s received; exiting with status 0", sig.name)
+    gc.freeze()
+    raise Preempted(_process.step)
+
+
+def _at_exit() -> None:
+    """The process's last word (its signals already ignored): COMPLETED only when no notice came."""
+    if _process.root is None:
+        return
+    if guard.received is not None:
+        _write_marker_outside_fit(guard.received.name)
+        return
+    if _process.marker_written:
+        return
+    _process.root.write_marker({"step": _process.step, "time": time.time()}, COMPLETED_MARKER)
 
 
 class Preempted(SystemExit):
@@ -74,7 +170,10 @@ class Resumable(Callback):
         dirpath: fsspec URL for checkpoints. Default: ``$LIGHTNING_GRID_CHECKPOINTS`` when the launcher
             set it, else ``<default_root_dir>/resumable``.
         every_n_train_steps: also save every N optimizer steps (for hard kills), in a background thread.
-        every_n_seconds: also save every T seconds of training, in a background thread.
+            0 or None: off (as in ``ModelCheckpoint``).
+        train_time_interval: also save every this much training time (a ``timedelta``, as in
+            ``ModelCheckpoint``), in a background thread. 0 or None: off.
+        every_n_seconds: the same as ``train_time_interval``, in seconds (give one of the two).
         keep: committed checkpoints to keep (newest first).
         signals: signals that mean "checkpoint and exit": SIGTERM by default; add SIGUSR1 for clusters
             that warn with it.
@@ -91,11 +190,20 @@ class Resumable(Callback):
         signals: Iterable[int] = (signal.SIGTERM,),
         resume: bool = True,
         storage_options: dict[str, Any] | None = None,
+        train_time_interval: timedelta | None = None,
     ) -> None:
-        if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ValueError(f"every_n_train_steps must be >= 1, got {every_n_train_steps}")
-        if every_n_seconds is not None and every_n_seconds <= 0:
-            raise ValueError(f"every_n_seconds must be > 0, got {every_n_seconds}")
+        if every_n_train_steps is not None and every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0 (0: off), got {every_n_train_steps}")
+        if every_n_seconds is not None and every_n_seconds < 0:
+            raise ValueError(f"every_n_seconds must be >= 0 (0: off), got {every_n_seconds}")
+        if train_time_interval is not None:
+            if every_n_seconds:
+                raise ValueError("give train_time_interval or every_n_seconds, not both")
+            every_n_seconds = train_time_interval.total_seconds()
+            if every_n_seconds < 0:
+                raise ValueError(f"train_time_interval must not be negative, got {train_time_interval}")
+        every_n_train_steps = every_n_train_steps or None  # 0: off
+        every_n_seconds = every_n_seconds or None
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
@@ -116,12 +224,18 @@ class Resumable(Callback):
         self._last_save_step = 0
         self._last_save_time = time.monotonic()
         self._warned_loaders: set[int] = set()
+        self._restore_limits: Any = None
+        # A LightningCLI script refuses to start where its config file exists: a resumed run is the
+        # same run. Patched only once LightningCLI is imported, only for trainers that can resume.
+        _lightning.tolerate_same_cli_config(_may_resume)
 
     @property
+    @override
     def state_key(self) -> str:
         return _FACTORY_STATE_KEY if self._from_factory else _STATE_KEY
 
     # -- set-up ------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -133,14 +247,21 @@ class Resumable(Callback):
             return
         global _fits_in_process
         _fits_in_process += 1
-        url = self._resolve_url(trainer)
+        root_url = url = self._resolve_url(trainer)
         if _fits_in_process > 1:
             url = f"{url.rstrip('/')}/fit-{_fits_in_process}"
         self.store = CheckpointStore(url, storage_options=self.storage_options)
         if trainer.is_global_zero:
             self.store.check_writable()
             self.store.remove_uncommitted()
+            if _process.root_url != root_url:
+                # Markers describe this process: last time's go (the launcher clears them too).
+                _process.root_url = root_url
+                _process.root = CheckpointStore(root_url, storage_options=self.storage_options, retries=1)
+                _process.root.clear_marker()
+                _process.root.clear_marker(COMPLETED_MARKER)
         trainer.strategy.barrier("lightning_grid.setup")
+        guard.arm(self._signal_numbers, _on_signal_outside_fit, _at_exit)
         self._flag.install()
         # Ours runs last at a batch end, so other callbacks' state for that batch is included. A new
         # list, because Lightning is iterating over the current one to call setup().
@@ -170,6 +291,8 @@ class Resumable(Callback):
         self._spool: CheckpointStore | None = None
         self._spooled: CommitRecord | None = None
         self._cut_any = False  # a checkpoint was cut in this fit (on every rank; rank 0 writes it)
+        self._final_rng: dict[str, Any] | None = None
+        self._fit_over = False  # the final checkpoint is committed (or was restored): nothing to train
         self._flag.received = None
 
     def _resolve_url(self, trainer: pl.Trainer) -> str:
@@ -182,6 +305,12 @@ class Resumable(Callback):
 
     def _resume_from_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.store is not None
+        if trainer.is_global_zero:
+            try:  # a checkpoint saved here while the store was down goes up first
+                self.store.recover_spooled()
+            except (StoreError, OSError) as exc:
+                log.warning("lightning_grid: a spooled checkpoint could not be uploaded yet: %s", exc)
+        trainer.strategy.barrier("lightning_grid.recover_spooled")
         found = self.store.latest_valid()
         if found is None:
             return
@@ -206,7 +335,32 @@ class Resumable(Callback):
             )
         _lightning.inject_checkpoint(trainer, checkpoint)
         self.resumed_from = record
-        if trainer.is_global_zero:
+        _process.last = (self.store, record)
+        final = ours.get("final") if isinstance(ours, dict) else None
+        finished = final is not None and _same_limits(trainer, final)
+        if finished:
+            # Restores model, optimizers, loops and callbacks, then trains nothing: the code after
+            # fit() runs on the final weights, as it would have in the run that finished.
+            self._restore_limits = _lightning.skip_training(trainer)
+        if not trainer.is_global_zero:
+            return
+        if finished:
+            log.info(
+                "lightning_grid: this fit had already finished (step %d): its final state is restored from %s and"
+                " no training is redone",
+                record.step,
+                location,
+            )
+        elif final is not None:
+            log.info(
+                "lightning_grid: continuing the finished fit in %s (step %d) under new limits (max_epochs=%s,"
+                " max_steps=%s)",
+                location,
+                record.step,
+                trainer.max_epochs,
+                trainer.max_steps,
+            )
+        else:
             log.info("lightning_grid: resuming from %s (step %d, %s)", location, record.step, record.reason)
 
     def _rank_state(self, trainer: pl.Trainer, state: dict[str, Any]) -> dict[str, Any] | None:
@@ -252,6 +406,7 @@ class Resumable(Callback):
                 " point Resumable(dirpath=...) or LIGHTNING_GRID_CHECKPOINTS at this run's own folder, or remove it"
             )
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self._active or not state_dict.get("ranks"):
             return
@@ -260,6 +415,11 @@ class Resumable(Callback):
         if mine is None:
             return
         self._loader_states = list(mine.get("loaders", []))
+        if state_dict.get("final") is not None:
+            # The state at the end of training: for the code after fit() (put back at teardown),
+            # never for training steps.
+            self._final_rng = mine.get("rng")
+            return
         self._resume_rng = mine.get("rng")
         # Persistent validation workers already existed in the interrupted process (made during the
         # sanity check, which a resumed fit skips): creating them again here draws one base seed
@@ -292,6 +452,7 @@ class Resumable(Callback):
         return wrapped
 
     # -- training ----------------------------------------------------------------------------------
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active:
             return
@@ -300,10 +461,9 @@ class Resumable(Callback):
             self._flag.set()
         self._flag.install()
         self._loader_states = None  # applied to the loaders built for this fit
-        if trainer.is_global_zero and self.store is not None:
-            self.store.clear_marker()
-            self.store.clear_marker(COMPLETED_MARKER)
+        _process.last = None  # training goes past the checkpoint resumed from (if any)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -321,6 +481,7 @@ class Resumable(Callback):
         if self._exit_after_commit:
             self._finish_preemption(trainer)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -373,6 +534,7 @@ class Resumable(Callback):
         flight commits before the exit). The same answer on every rank: only rank 0 writes."""
         return self._cut_any or self.resumed_from is not None
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_iterated = True
         if self._rng_before_val is not None:
@@ -395,7 +557,7 @@ class Resumable(Callback):
         if not _distributed(trainer):
             return signalled, due, busy
         flags = torch.tensor([int(signalled), int(due), int(busy)], device=trainer.strategy.root_device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        flags = trainer.strategy.reduce(flags, reduce_op="max")  # one collective for the three
         return bool(flags[0].item()), bool(flags[1].item()), bool(flags[2].item())
 
     @staticmethod
@@ -413,6 +575,7 @@ class Resumable(Callback):
         return not _lightning.validation_due_after_batch(trainer)
 
     # -- saving ------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         # Filled only while we cut a checkpoint: other checkpoints (ModelCheckpoint's) carry no
         # loader position, so resuming from them never pretends to be exact.
@@ -426,15 +589,20 @@ class Resumable(Callback):
             self._reap_writer()
         started = time.monotonic()
         main_rng = rng.capture()
+        final = reason == "final"
         mine = {
             "rng": main_rng,
-            "loaders": [loader.position_state(consumed, main_rng) for loader in self._loaders],
+            # A final checkpoint is never trained from: no loader positions.
+            "loaders": [] if final else [ld.position_state(consumed, main_rng) for ld in self._loaders],
             "logged_step": _lightning.logged_step(trainer),
             "logger_versions": [getattr(lg, "version", None) for lg in trainer.loggers],
             "val_iterated": self._val_iterated or self._cancel_val_worker_seed,
         }
         ranks = _gather(trainer, mine)
         self._state_for_dump = {"version": _STATE_VERSION, "ranks": ranks, "reason": reason}
+        if final:
+            # A relaunch under the same limits returns from fit() at once; under others it trains on.
+            self._state_for_dump["final"] = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps}
         try:
             checkpoint = _lightning.dump_checkpoint(trainer)
         finally:
@@ -484,6 +652,19 @@ class Resumable(Callback):
                 store.prune(self.keep)
             else:
                 self._spooled = record
+        except StoreWriteError as exc:
+            if reason != "periodic":
+                self._write_error = exc
+                return
+            # A full disk (or a filesystem gone read-only) must not end a run that can still
+            # train: nothing was committed and no temp file is left, the previous checkpoint stays
+            # in force, and the next periodic save tries again.
+            log.warning(
+                "lightning_grid: periodic checkpoint at step %d not saved, training continues (the last committed"
+                " checkpoint stays; the next periodic save retries): %s",
+                step,
+                exc,
+            )
         except BaseException as exc:  # reported on the training thread
             self._write_error = exc
 
@@ -517,37 +698,86 @@ class Resumable(Callback):
             _lightning.protect_csv_log(logger)
 
     def _finish_preemption(self, trainer: pl.Trainer) -> None:
-        self._reap_writer()
+        save_error: StoreError | None = None
+        try:
+            self._reap_writer()
+        except StoreError as exc:
+            # The preemption save failed (a full disk, a store that did not come back): the newest
+            # committed checkpoint is still a valid resume point, and the marker says how far
+            # training had got, so the launcher counts the steps to redo honestly.
+            save_error = exc
         plan = self._plan.plan if self._plan is not None else Plan.FULL
         signal_name = self._flag.received.name if self._flag.received else "SIGTERM"
         # The marker goes beside the checkpoint it names: the spool for a local save, which the
         # launcher publishes together with it.
         store, record = self.store, self.last_commit
-        if plan is Plan.LOCAL:
+        if isinstance(save_error, StoreUnreachableError):
+            # Whole and committed in this machine's private spool: the next run here uploads it
+            # before resuming. There is no marker to write (the store is down): exit 0 all the same.
+            log.warning(
+                "lightning_grid: %s received; the store did not answer, so the checkpoint at step %d is kept"
+                " at %s and goes up when the next run here starts; exiting with status 0",
+                signal_name,
+                trainer.global_step,
+                save_error.spooled,
+            )
+            store = None
+        elif save_error is not None:
+            record = self.last_commit or self.resumed_from
+            if record is None:
+                raise SystemExit(
+                    f"lightning_grid: {signal_name} received at step {trainer.global_step}; the checkpoint"
+                    f" could not be saved and there is no earlier one to resume from: {save_error}"
+                )
+        elif plan is Plan.LOCAL:
             store, record = self._spool, self._spooled
         elif plan is Plan.KEEP:
             record = self.last_commit or self.resumed_from
         if trainer.is_global_zero and store is not None and record is not None:
             contract = Contract.from_env()
-            store.write_marker(
-                {
-                    "step": record.step,
-                    "left_at": trainer.global_step,
-                    "checkpoint": record.name,
-                    "plan": plan.value,
-                    "signal": signal_name,
-                    "time": time.time(),
-                    "experiment": contract.experiment,
-                    "attempt": contract.attempt,
-                }
-            )
+            info = {
+                "step": record.step,
+                "left_at": trainer.global_step,
+                "checkpoint": record.name,
+                "plan": plan.value,
+                "signal": signal_name,
+                "time": time.time(),
+                "experiment": contract.experiment,
+                "attempt": contract.attempt,
+            }
+            if save_error is not None:
+                info["save_error"] = str(save_error)
+            try:
+                store.write_marker(info)
+                _process.marker_written = True
+            except StoreError as exc:
+                if save_error is None:  # the new checkpoint is committed: resuming from it is right
+                    log.warning("lightning_grid: the preemption marker could not be written: %s", exc)
+                else:  # neither the checkpoint nor the marker: say so in one line, not as a success
+                    raise SystemExit(
+                        f"lightning_grid: {signal_name} received at step {trainer.global_step}; the checkpoint"
+                        f" could not be saved ({save_error}) and neither could the marker naming the one at"
+                        f" step {record.step}: {exc}"
+                    ) from exc
             where = store.location(record.name)
             what = {
                 Plan.FULL: f"checkpoint at step {record.step} committed to {where}",
                 Plan.LOCAL: f"checkpoint at step {record.step} written to {where} for the launcher to upload",
                 Plan.KEEP: f"nothing new saved (no time); the checkpoint at step {record.step} ({where}) stays",
             }[plan]
-            log.info("lightning_grid: %s received; %s; exiting with status 0", signal_name, what)
+            if save_error is not None:
+                log.warning(
+                    "lightning_grid: %s received; the checkpoint at step %d could not be saved (%s); the one at"
+                    " step %d (%s) stays the resume point (%d steps to redo); exiting with status 0",
+                    signal_name,
+                    trainer.global_step,
+                    save_error,
+                    record.step,
+                    where,
+                    trainer.global_step - record.step,
+                )
+            else:
+                log.info("lightning_grid: %s received; %s; exiting with status 0", signal_name, what)
         trainer.strategy.barrier("lightning_grid.preempted")
         # Everything is durable now; what is left is leaving, in the notice's window. Tearing down
         # an interpreter that imported torch and Lightning spends ~0.6 s in the collector's final
@@ -555,19 +785,56 @@ class Resumable(Callback):
         # cleared and reference-counted objects still finalised, and Python never promised to
         # finalise cyclic garbage at exit anyway.
         gc.freeze()
+        guard.leave()  # until the process is gone, further signals change nothing
         raise Preempted(trainer.global_step)
 
     # -- the end -----------------------------------------------------------------------------------
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active:
             return
         if self._writer is not None:
             self._release_commit(trainer)
             self._reap_writer()
-        if trainer.is_global_zero and self.store is not None:
-            # Lets a launcher tell "finished just as the notice came" from "stopped by it".
-            self.store.write_marker({"step": trainer.global_step, "time": time.time()}, COMPLETED_MARKER)
+        # The final checkpoint: a relaunch after this point (a notice in the code after fit, or the
+        # same command run again) restores it and trains nothing. Synchronous: fit() returns only
+        # once it is committed.
+        self._save(trainer, 0, reason="final", copy_tensors=False)
+        self._release_commit(trainer)
+        self._reap_writer()
+        if self.last_commit is not None:
+            _process.last = (self.store, self.last_commit)  # type: ignore[assignment]
+        _process.step = trainer.global_step
+        self._fit_over = True
+        trainer.strategy.barrier("lightning_grid.final")
+        self._leave_if_signalled(trainer)
 
+    def _leave_if_signalled(self, trainer: pl.Trainer) -> None:
+        """A notice that came once training could no longer be cut (its last batches, the final
+        save, the teardown): the final checkpoint holds everything, so leave now with status 0 and
+        let a relaunch run the code after fit() on the restored state."""
+        if not self._fit_over or not self._agree(trainer, bool(self._flag), False, False)[0]:
+            return
+        signal_name = self._flag.received.name if self._flag.received else "SIGTERM"
+        if trainer.is_global_zero:
+            try:
+                record = _write_marker_outside_fit(signal_name)
+            except Exception as exc:
+                record = None
+                log.warning("lightning_grid: the preemption marker could not be written: %s", exc)
+            if record is not None:
+                log.info(
+                    "lightning_grid: %s received as training ended; the final checkpoint at step %d holds it"
+                    " (0 steps to redo); exiting with status 0",
+                    signal_name,
+                    record.step,
+                )
+        trainer.strategy.barrier("lightning_grid.preempted")
+        gc.freeze()
+        guard.leave()
+        raise Preempted(trainer.global_step)
+
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -582,9 +849,23 @@ class Resumable(Callback):
                 log.error("lightning_grid: %s", exc)
         self._flag.uninstall()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._flag.uninstall()
+        if stage != "fit":
+            return
+        if self._restore_limits is not None:
+            # A fit that had already finished: nothing trained. The code after fit() gets the RNG
+            # state the finished run had when its training ended.
+            self._restore_limits()
+            self._restore_limits = None
+            self._fit_over = True
+            _process.step = trainer.global_step
+            if self._final_rng is not None:
+                rng.restore(self._final_rng)
+                self._final_rng = None
+        if self._active:
+            self._leave_if_signalled(trainer)
+        self._flag.uninstall()
 
 
 def _gather(trainer: pl.Trainer, state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -627,3 +908,13 @@ def _copy_tensors(obj: Any) -> Any:
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
         return tuple(_copy_tensors(v) for v in obj)
     return obj
+
+
+def _same_limits(trainer: pl.Trainer, final: dict[str, Any]) -> bool:
+    """Whether a finished fit's limits are this fit's: then it is the same fit, and it is over."""
+    return final.get("max_epochs") == trainer.max_epochs and final.get("max_steps") == trainer.max_steps
+
+
+def _may_resume(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer`` has a Resumable that continues runs from their checkpoints."""
+    return any(isinstance(cb, Resumable) and cb.resume for cb in trainer.callbacks)  # type: ignore[attr-defined]

@@ -198,6 +198,10 @@ class ResumableLoader:
     generator, so an uninterrupted run draws exactly the random numbers the user's loader would.
     """
 
+    # Its position is saved by the callback (see position_state), not by the user's loader's
+    # state_dict, which __getattr__ would hand to Lightning.
+    tracks_own_position = True
+
     def __init__(self, loader: DataLoader, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
         if not can_make_resumable(loader):
             raise TypeError(f"cannot make {type(loader).__name__} resumable")

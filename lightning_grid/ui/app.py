@@ -1,31 +1,42 @@
 """The dashboard's web application (Starlette) and its server (uvicorn).
 
-Security model, in short:
+Threat model (docs/dashboard.md, "Threat model"): the dashboard acts with the authority of the user
+who started it, over a registry only that user can read (LIGHTNING_GRID_HOME is mode 0700). Anyone
+else who can open a connection to its port (another user of this machine, a web page in any browser
+tab, a machine on the network when bound elsewhere) is a stranger until they present the token,
+which is random, new at every start, and printed only to the terminal that started it.
 
-* Reading: on a loopback address anyone on this machine may read (like ``lightning-grid list``);
-  the ``Host`` header must then name a loopback host too, so a web page elsewhere cannot reach the
-  dashboard by re-pointing its own domain at 127.0.0.1 (DNS rebinding). On any other address every
-  request needs the token printed at start: ``?token=``, the cookie set from it, or
-  ``Authorization: Bearer``; compared in constant time.
-* Writing (stopping an experiment) always needs the token, sent as ``Authorization: Bearer`` (or
-  ``?token=``), never from the cookie alone: the browser would attach a cookie to a forged
-  cross-site POST, but a page on another origin cannot read the token embedded in ours.
+* Every request needs the token, on loopback too: ``Authorization: Bearer``, ``?token=``, or the
+  cookie set from ``?token=`` (HttpOnly, SameSite=Strict, one name per port); compared in constant
+  time. Opening the printed URL sets the cookie and redirects to the same page without the token.
+* Stopping an experiment (the only write) needs the token as ``Authorization: Bearer`` (or
+  ``?token=``), never from the cookie alone: the token is in the page for its own Stop button, so
+  only a visitor who presented it can read it, and a page on another origin can neither read ours
+  nor send that header across origins (no CORS), while a browser might attach a cookie to a forged
+  cross-site request (SameSite=Strict already stops that; the header rule does not depend on it).
+* On loopback the ``Host`` header must name a loopback host, which shuts out DNS rebinding.
 * Everything users wrote (experiment names, reasons, log lines) is escaped by Jinja2's autoescape,
   and the Content-Security-Policy allows only our own script file, so even a missed escape could
   not run a script.
+
+Polling is cheap: the list's table answers ``304 Not Modified`` to ``If-None-Match`` while the
+registry's change counter has not moved (a weak ETag built from it); nothing in that table depends
+on the time of the request (the page counts a live experiment's duration up itself).
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 import secrets
 import socket
 import sys
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import jinja2
 import uvicorn
@@ -33,13 +44,13 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lightning_grid import __version__
-from lightning_grid.errors import LightningGridError, UsageError
+from lightning_grid.errors import LightningGridError, RegistryError, UsageError
 from lightning_grid.launcher.engine import Engine
 from lightning_grid.ui import views
 from lightning_grid.ui.timeline import PHASES
@@ -81,15 +92,21 @@ def _matches(presented: str | None, token: str) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
 
 
+_NO_TOKEN = (
+    "this dashboard needs its token: open the URL that `lightning-grid ui` printed"
+    " (http://HOST:PORT/?token=...); scripts send `Authorization: Bearer TOKEN`"
+)
+_WRONG_TOKEN = (
+    "wrong token (a new one is made at every start: open the URL that `lightning-grid ui` printed last)"
+)
+
+
 class _Guard:
     """Checks the Host header and the token on every request; adds the security headers."""
 
-    def __init__(
-        self, app: ASGIApp, token: str, require_token: bool, allowed_hosts: Collection[str] | None
-    ) -> None:
+    def __init__(self, app: ASGIApp, token: str, allowed_hosts: Collection[str] | None) -> None:
         self.app = app
         self.token = token
-        self.require_token = require_token
         self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,33 +120,60 @@ class _Guard:
             if name not in self.allowed_hosts:
                 await PlainTextResponse("invalid Host header", status_code=400)(scope, receive, send)
                 return
-        set_cookie = False
-        if self.require_token:
-            query = request.query_params.get("token")
-            presented = _bearer(request) or query or request.cookies.get(_cookie_name(scope))
-            if presented is None:
-                message = "this dashboard needs its token: open the URL that `lightning-grid ui` printed"
-                await PlainTextResponse(message, status_code=401)(scope, receive, send)
-                return
-            if not _matches(presented, self.token):
-                await PlainTextResponse("wrong token", status_code=403)(scope, receive, send)
-                return
-            set_cookie = query is not None
         cookie = _cookie_name(scope)
+        query = request.query_params.get("token")
+        presented = _bearer(request) or query or request.cookies.get(cookie)
+        if presented is None:
+            await PlainTextResponse(_NO_TOKEN, status_code=401)(scope, receive, send)
+            return
+        if not _matches(presented, self.token):
+            await PlainTextResponse(_WRONG_TOKEN, status_code=403)(scope, receive, send)
+            return
+        set_cookie = (
+            f"{cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict" if query is not None else None
+        )
+        path = scope["path"]
+        if set_cookie and request.method == "GET" and not path.startswith(("/api/", "/static/")):
+            # A page opened from the printed URL: keep the token in the cookie, not in the address
+            # bar (where a screen share or a bookmark would show it).
+            rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+            target = quote(path) + ("?" + urlencode(rest) if rest else "")
+            response: Response = RedirectResponse(target, status_code=303)
+            response.headers.append("set-cookie", set_cookie)
+            await self._with_headers(response, scope, receive, send)
+            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                headers["content-security-policy"] = _CSP
-                headers["x-frame-options"] = "DENY"
-                headers["x-content-type-options"] = "nosniff"
-                headers["referrer-policy"] = "no-referrer"  # the token may be in the URL
-                headers["cache-control"] = "no-store"
+                _security_headers(headers)
                 if set_cookie:
-                    headers.append("set-cookie", f"{cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict")
+                    headers.append("set-cookie", set_cookie)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    async def _with_headers(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
+        _security_headers(response.headers)
+        await response(scope, receive, send)
+
+
+def _security_headers(headers: MutableHeaders) -> None:
+    headers["content-security-policy"] = _CSP
+    headers["x-frame-options"] = "DENY"
+    headers["x-content-type-options"] = "nosniff"
+    headers["referrer-policy"] = "no-referrer"  # the token may be in the URL
+    headers["cache-control"] = "no-store"  # pages carry the token; JS revalidates with If-None-Match
+
+
+def _fresh(request: Request, etag: str) -> bool:
+    """Whether the client's copy (``If-None-Match``) is still current: weak comparison, RFC 9110."""
+    wanted = request.headers.get("if-none-match")
+    if not wanted:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in wanted.split(",")]
+    return "*" in tags or etag.removeprefix("W/") in tags
 
 
 def _environment() -> jinja2.Environment:
@@ -140,6 +184,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["url"] = lambda value: quote(str(value), safe="")
     env.filters["usd"] = lambda value: f"${float(value):,.4f}"
+    env.filters["duration"] = views.format_duration
     return env
 
 
@@ -147,24 +192,23 @@ def create_app(
     home: str,
     *,
     token: str,
-    require_token: bool,
     allowed_hosts: Collection[str] | None = None,
     poll_interval_s: float = POLL_INTERVAL_S,
 ) -> Starlette:
     """The dashboard over the registry under ``home``.
 
-    ``token`` is always needed to stop an experiment; with ``require_token`` (any address but
-    loopback) it is needed for every request. ``allowed_hosts``: the ``Host`` names accepted
-    (None: any), see the module docstring.
+    ``token`` is needed for every request, and as a header (never the cookie) to stop an
+    experiment. ``allowed_hosts``: the ``Host`` names accepted (None: any); see the module docstring.
     """
     engine = Engine(home, echo=False)
     registry = engine.registry
     env = _environment()
+    boot = secrets.token_hex(4)  # a restarted server (new templates, say) never matches an old ETag
 
     def render(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         context.update(
             token=token, poll_ms=int(poll_interval_s * 1000), version=__version__, phases=PHASES,
-            statuses=views.STATUSES, home=home,
+            statuses=views.STATUSES, home=home, now=time.time(),
         )  # fmt: skip
         return HTMLResponse(env.get_template(template).render(**context), status_code=status_code)
 
@@ -172,13 +216,32 @@ def create_app(
         wanted = request.query_params.get("status") or None
         return wanted if wanted in views.STATUSES else None
 
+    def _registry_etag() -> str:
+        """Changes whenever the registry does: its change counter, and the file itself (a registry
+        moved aside and started afresh counts from 0 again). One query and one stat."""
+        try:
+            inode = os.stat(registry.path).st_ino
+        except OSError:
+            inode = 0  # gone: the counter's query below says what is wrong
+        return f'W/"{boot}-{inode}-{registry.change_counter()}"'
+
+    def _list(request: Request, answer: Any) -> Response:
+        # The tag is read before the rows: a write in between makes the next poll a 200 again, never
+        # a 304 over rows older than the tag says.
+        etag = _registry_etag()
+        if _fresh(request, etag):
+            return Response(status_code=304, headers={"etag": etag})
+        response: Response = answer(views.experiment_rows(registry, _status_filter(request)))
+        response.headers["etag"] = etag
+        return response
+
     def list_page(request: Request) -> Response:
         wanted = _status_filter(request)
         return render("list.html", rows=views.experiment_rows(registry, wanted), wanted=wanted)
 
     def list_fragment(request: Request) -> Response:
         wanted = _status_filter(request)
-        return render("_list_table.html", rows=views.experiment_rows(registry, wanted), wanted=wanted)
+        return _list(request, lambda rows: render("_list_table.html", rows=rows, wanted=wanted))
 
     def _detail(name: str) -> dict[str, Any] | None:
         try:
@@ -194,13 +257,15 @@ def create_app(
         return render("experiment.html", e=detail)
 
     def experiment_fragment(request: Request) -> Response:
+        # Drawn at every request: a live timeline grows with the clock, and the logs and stores it
+        # shows change without the registry knowing. One experiment, polled only while it is live.
         detail = _detail(request.path_params["name"])
         if detail is None:
             return PlainTextResponse("no such experiment", status_code=404)
         return render("_experiment_body.html", e=detail)
 
     def api_list(request: Request) -> Response:
-        return JSONResponse(views.experiment_rows(registry, _status_filter(request)))
+        return _list(request, JSONResponse)
 
     def api_experiment(request: Request) -> Response:
         detail = _detail(request.path_params["name"])
@@ -224,9 +289,20 @@ def create_app(
             row = await run_in_threadpool(engine.stop, name)
         except UsageError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
+        except RegistryError:
+            raise
         except LightningGridError as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
         return JSONResponse({"name": row.name, "status": row.status.value, "reason": row.reason})
+
+    async def registry_error(request: Request, exc: Exception) -> Response:
+        """A registry that cannot be read (corrupt, say) is one clear sentence, not a traceback."""
+        message = str(exc)
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, status_code=503)
+        if request.url.path.startswith("/fragments/"):
+            return PlainTextResponse(message, status_code=503)
+        return render("error.html", status_code=503, message=message)
 
     routes = [
         Route("/", list_page),
@@ -238,8 +314,8 @@ def create_app(
         Route("/api/experiments/{name:path}", api_experiment),
         Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
     ]
-    app = Starlette(routes=routes)
-    app.add_middleware(_Guard, token=token, require_token=require_token, allowed_hosts=allowed_hosts)
+    app = Starlette(routes=routes, exception_handlers={RegistryError: registry_error})
+    app.add_middleware(_Guard, token=token, allowed_hosts=allowed_hosts)
     return app
 
 
@@ -266,25 +342,26 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(home: str, host: str, port: int, out: IO[str] | None = None) -> None:
-    """Bind, print where to go (with the token when it is needed), and serve until Ctrl-C."""
+    """Bind, print where to go (the URL with the token), and serve until Ctrl-C."""
     out = out or sys.stdout
     loopback = is_loopback(host)
     token = secrets.token_urlsafe(24)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if ":" in host else host
-    app = create_app(
-        home, token=token, require_token=not loopback, allowed_hosts=LOOPBACK_HOSTS if loopback else None
-    )
+    app = create_app(home, token=token, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
     if loopback:
-        lines = [f"http://{shown}:{bound}/  (registry {home}; Ctrl-C to stop)"]
+        lines = [
+            f"http://{shown}:{bound}/?token={token}  (registry {home}; Ctrl-C to stop)",
+            "open that URL: every request needs its token, on loopback too (see docs/dashboard.md)",
+        ]
     else:
         where = socket.gethostname() if host in ("0.0.0.0", "::") else shown
         lines = [
             f"listening on {shown}:{bound} (registry {home}; Ctrl-C to stop)",
             f"open http://{where}:{bound}/?token={token}",
             f"token {token}",
-            "not loopback: every request needs this token; traffic is plain HTTP",
+            "not loopback: traffic is plain HTTP; on an untrusted network use an SSH tunnel",
         ]
     out.write("".join(f"lightning-grid ui: {line}\n" for line in lines))
     out.flush()

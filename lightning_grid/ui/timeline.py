@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lightning_grid.launcher.events import Kind
 from lightning_grid.launcher.experiment import Status
 from lightning_grid.launcher.registry import AttemptRow, EventRow
 
@@ -133,10 +134,10 @@ def _phase(status: str, t: float, attempt: AttemptRow | None) -> str | None:
 
 
 def _notice_label(number: int, events: Sequence[EventRow]) -> str:
-    prefix = f"attempt {number}: notice from "
     for e in events:
-        if e.to_status is None and e.reason.startswith(prefix):
-            return "notice from " + e.reason[len(prefix) :]
+        if e.kind == Kind.NOTICE.value and e.attempt == number:
+            source, reason = e.data.get("source"), e.data.get("reason")
+            return f"notice from {source}: {reason}" if reason else f"notice from {source}"
     return "notice"
 
 

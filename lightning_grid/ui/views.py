@@ -15,11 +15,9 @@ from datetime import datetime
 from typing import Any
 
 from lightning_grid.checkpoints import CheckpointStore
-from lightning_grid.errors import LightningGridError
 from lightning_grid.launcher import artifacts, instances
-from lightning_grid.launcher.engine import Engine
 from lightning_grid.launcher.experiment import Status
-from lightning_grid.launcher.registry import ExperimentRow, Registry
+from lightning_grid.launcher.registry import AttemptRow, ExperimentRow, Registry
 from lightning_grid.launcher.report import describe
 from lightning_grid.ui.timeline import Timeline, build_timeline, format_seconds
 
@@ -67,35 +65,45 @@ def _duration(row: ExperimentRow, now: float) -> float:
     return (row.updated if row.status.is_terminal() else now) - row.created
 
 
-def experiment_rows(
-    registry: Registry, status: str | None = None, now: float | None = None
-) -> list[dict[str, Any]]:
-    """The list page: every experiment, newest first, optionally only those in ``status``."""
-    now = time.time() if now is None else now
+def _bill(row: ExperimentRow, attempts: list[AttemptRow]) -> dict[str, Any]:
+    """The list's share of ``describe``'s bill: attempts, and the cost of the time they ran."""
+    hours = sum(a.ended - a.started for a in attempts if a.ended) / 3600
+    instance = instances.lookup(row.spec.instance_type)
+    return {
+        "attempts": len(attempts),
+        "cost_spot_usd": round(hours * instance.spot, 4),
+        "cost_on_demand_usd": round(hours * instance.on_demand, 4),
+    }
+
+
+def experiment_rows(registry: Registry, status: str | None = None) -> list[dict[str, Any]]:
+    """The list page: every experiment, newest first, optionally only those in ``status``.
+
+    Nothing here depends on the time of the request, so a poll can be answered from the registry's
+    change counter alone (see app.py): a live experiment's duration is ``None``; the page counts it
+    up from ``created`` itself. Two reads per experiment (its row, its attempts), never a describe.
+    """
     rows = []
     for row in registry.all():
         if status and row.status.value != status:
             continue
-        try:
-            info = describe(registry, row.name)
-        except LightningGridError:
-            continue  # removed (or renamed) between the listing and this read
+        live = not row.status.is_terminal()
+        seconds = None if live else round(row.updated - row.created, 3)
         rows.append(
             {
                 "name": row.name,
                 "status": row.status.value,
                 "reason": row.reason,
-                "instance_type": row.instance_type,
-                "use_spot": row.use_spot,
-                "attempts": info["bill"]["attempts"],
+                "instance_type": row.spec.instance_type,
+                "use_spot": row.spec.use_spot,
+                **_bill(row, registry.attempts(row.name)),
                 "restarts": row.restarts,
                 "created": row.created,
                 "created_text": format_time(row.created),
-                "seconds": round(_duration(row, now), 3),
-                "duration_text": format_duration(_duration(row, now)),
-                "cost_spot_usd": info["bill"]["cost_spot_usd"],
-                "cost_on_demand_usd": info["bill"]["cost_on_demand_usd"],
-                "live": not row.status.is_terminal(),
+                "ended": None if live else row.updated,
+                "seconds": seconds,  # None while live: until now, which the reader knows better
+                "duration_text": None if live else format_duration(seconds),
+                "live": live,
             }
         )
     return rows
@@ -145,7 +153,7 @@ def checkpoints(url: str) -> Listing:
 
 def artifact_files(row: ExperimentRow) -> Listing:
     """The execution directory as the artifact store's manifest records it (what a relaunch restores)."""
-    url = Engine.execdir_url(row)
+    url = row.layout.execdir
     try:
         manifest = artifacts.manifest(url)
     except Exception as exc:  # a remote store that is down, an unreadable manifest
@@ -198,8 +206,8 @@ def experiment_detail(registry: Registry, name: str, now: float | None = None) -
     attempts = registry.attempts(name)
     timeline = build_timeline(row.created, row.status, attempts, registry.events(name), now)
     bill = info["bill"]
-    instance = instances.lookup(row.instance_type)
-    charged = instance.spot if row.use_spot else instance.on_demand
+    instance = instances.lookup(row.spec.instance_type)
+    charged = instance.spot if row.spec.use_spot else instance.on_demand
     lost = bill["seconds_saving_after_notice"] + bill["seconds_pending"] + bill["seconds_restoring"]
     for a in info["attempts"]:
         a["started_text"] = format_time(a["started"])
@@ -227,7 +235,7 @@ def experiment_detail(registry: Registry, name: str, now: float | None = None) -
             ),
         },
         "timeline": timeline_dict(timeline),
-        "checkpoints": asdict(checkpoints(Engine.checkpoints_url(row))),
+        "checkpoints": asdict(checkpoints(row.layout.checkpoints)),
         "artifact_files": asdict(artifact_files(row)),
         "logs": [{"number": a.number, **log_tail(a.log_path)} for a in attempts],
     }

@@ -166,12 +166,32 @@ def test_not_resumable_spot_run_fails_when_interrupted(tmp_path: Path, home: Pat
 def test_crashes_use_their_own_budget(tmp_path: Path, home: Path, retries: int, attempts: int) -> None:
     script = _script(tmp_path / "p", "crash.py", CRASH)
     proc = _launch(
-        home, "run", "--resumable", "--use_spot", "--retries", str(retries), "--name", "c", str(script)
-    )
+        home, "run", "--resumable", "--use_spot", "--retries", str(retries), "--retry-delay", "0", "--name", "c",
+        str(script),
+    )  # fmt: skip
     assert proc.returncode == 1
     info = _status(home, "c")
     assert info["status"] == "failed" and len(info["attempts"]) == attempts and info["restarts"] == 0
     assert {a["exit_code"] for a in info["attempts"]} == {3}
+
+
+def test_crash_retries_back_off_and_status_says_when(tmp_path: Path, home: Path) -> None:
+    """A crash waits ``--retry-delay`` before its retry (doubling each time): pending in between,
+    with the retry's time in ``status --json``."""
+    script = _script(tmp_path / "p", "crash.py", CRASH)
+    proc = _launch(home, "run", "--retries", "2", "--retry-delay", "1", "--name", "b", str(script))
+    assert proc.returncode == 1
+    info = _status(home, "b")
+    attempts = info["attempts"]
+    assert [a["outcome"] for a in attempts] == ["failed"] * 3
+    assert "boom" in attempts[0]["reason"]  # the script's own last line names the cause
+    assert attempts[1]["started"] - attempts[0]["ended"] >= 1.0
+    assert attempts[2]["started"] - attempts[1]["ended"] >= 2.0
+    reasons = [e["reason"] for e in info["events"] if e["to"] == "pending"]
+    assert reasons == ["failed; retry 1 of 2 in 1s", "failed; retry 2 of 2 in 2s"]
+    retry_at = [e["data"]["retry_at"] for e in info["events"] if e["to"] == "pending"]
+    assert all(r is not None for r in retry_at)
+    assert info["status"] == "failed" and info["reason"] == "failed; retries=2 used"
 
 
 def test_no_exit_within_grace_period_is_killed_then_resumed(tmp_path: Path, home: Path) -> None:
@@ -212,7 +232,7 @@ def test_no_exit_within_grace_period_is_killed_then_resumed(tmp_path: Path, home
         (["run", "nosuchscript.py"], "script not found: nosuchscript.py"),
         (["run", "."], "is a directory"),
         (["run", "--instance_type", "p9.huge", "{script}"], "unknown instance type 'p9.huge'; valid types:"),
-        (["run", "--max_restarts", "-1", "{script}"], "--max_restarts must be >= 0, got -1"),
+        (["run", "--max_restarts", "-1", "{script}"], "--max-restarts must be >= 0, got -1"),
         (
             ["run", "--artifacts", "nosuchscheme://x", "{script}"],
             "unknown or unavailable scheme 'nosuchscheme'",
@@ -359,6 +379,8 @@ def test_failure_during_an_interruption_uses_the_failure_budget(tmp_path: Path, 
         "--resumable",
         "--retries",
         "1",
+        "--retry-delay",
+        "0",
         "--simulate-preemptions",
         "2.5,2.5",
         "--name",
@@ -422,7 +444,7 @@ def test_periodic_saves_for_a_script_that_never_imports_us(
     args = ["--mode", "env", "--data-dir", str(mnist_dir), "--root", "run", "--out", "weights.pt", *options]
     args += ["--kill", "train:10:SIGKILL", "--kill-settle"]  # the marker lives in the execution directory
     proc = _launch(
-        home, "run", "--resumable", "--retries", "1", "--every-n-train-steps", "4", "--name", "hard",
+        home, "run", "--resumable", "--retries", "1", "--retry-delay", "0", "--every-n-train-steps", "4", "--name", "hard",
         str(project / "train.py"), *args,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -433,5 +455,5 @@ def test_periodic_saves_for_a_script_that_never_imports_us(
     reasons = {
         r.reason for r in CheckpointStore(str(home / "artifacts" / "hard" / "checkpoints")).committed()
     }
-    assert reasons == {"periodic"}
+    assert reasons == {"periodic", "final"}  # periodic saves, then the final one when training ended
     assert_bit_identical(expected, home / "artifacts" / "hard" / "execdir" / "files" / "weights.pt")

@@ -318,7 +318,7 @@ def test_agent_on_two_machines_resumes_bit_identical(
     info = json.loads(status.stdout)
     assert info["status"] == "succeeded" and info["restarts"] == 1
     assert [a["outcome"] for a in info["attempts"]] == ["preempted", "succeeded"]
-    assert info["attempts"][0]["seconds_to_synced"] is not None
+    assert info["attempts"][0]["synced_after_notice_s"] is not None
 
 
 @pytest.mark.slow

@@ -22,8 +22,11 @@ from unittest import mock
 import pytest
 
 from lightning_grid.launcher import registry as registry_module
+from lightning_grid.launcher.events import Kind
 from lightning_grid.launcher.experiment import Status
+from lightning_grid.launcher.layout import new_id
 from lightning_grid.launcher.registry import ExperimentRow, Registry
+from lightning_grid.launcher.spec import Spec
 from tests.helpers import REPO, child_env
 
 CHROMIUM = "/usr/bin/chromium"
@@ -113,11 +116,13 @@ def fake_experiment(
     clock = Clock(start)
     runs = home / "runs" / name
     runs.mkdir(parents=True, exist_ok=True)
+    spec = Spec(
+        script="train.py", args=("--epochs", "3"), name=name, resumable=True, use_spot=True,
+        instance_type="g4dn.xlarge", cloud="aws", artifacts=str(home / "artifacts"),
+    )  # fmt: skip
     row = ExperimentRow(
-        name=name, status=Status.QUEUED, script="train.py", args=["--epochs", "3"], source_dir=str(home),
-        artifacts=str(home / "artifacts" / name), resumable=True, use_spot=True, instance_type="g4dn.xlarge",
-        max_restarts=20, retries=0, grace_period=120.0, simulate=[], cloud="aws", restarts=0, failures=0,
-        reason="", stop_requested=False, created=start, updated=start,
+        name=name, id=new_id(), status=Status.QUEUED, spec=spec, source_dir=str(home),
+        artifacts=str(home / "artifacts" / name), created=start, updated=start,
     )  # fmt: skip
     with clock_at(clock):
         registry.create(row)
@@ -131,7 +136,10 @@ def fake_experiment(
         if status is Status.RUNNING:
             return
         clock.now = start + 65
-        registry.note(name, "attempt 1: notice from aws: spot interruption notice (2 minutes)")
+        registry.record(
+            name, Kind.NOTICE, "attempt 1: notice from aws: spot interruption notice (2 minutes)", attempt=1,
+            source="aws", reason="spot interruption notice (2 minutes)", window_s=120.0,
+        )  # fmt: skip
         registry.transition(name, Status.INTERRUPTING, "spot interruption notice; SIGTERM sent")
         registry.update_attempt(name, 1, notice_at=clock.now)
         if status is Status.INTERRUPTING:

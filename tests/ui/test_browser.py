@@ -66,6 +66,13 @@ def _page(browser: Any) -> Any:
     return page
 
 
+def _sign_in(page: Any, server: Any) -> None:
+    """Open the URL ``lightning-grid ui`` printed: its token goes into a cookie for this browser."""
+    assert server.token, "the dashboard prints its URL with the token"
+    page.goto(f"{server.url}?token={server.token}")
+    assert page.url == server.url  # redirected: the token is not left in the address bar
+
+
 def _finish(proc: subprocess.Popen[str], timeout: float = 60) -> str:
     out, err = proc.communicate(timeout=timeout)
     return out + err
@@ -106,7 +113,7 @@ def test_every_status_in_colour_and_a_twice_preempted_timeline(
 ) -> None:
     page = _page(browser)
     with ui_server(every_status) as server:
-        page.goto(server.url)
+        _sign_in(page, server)
         rows = page.locator("tr.experiment")
         assert rows.count() == 8
         seen = {}
@@ -190,6 +197,7 @@ def test_a_preemption_shows_up_live_and_the_stop_button_stops(browser: Any, tmp_
             deadline = time.monotonic() + 30
             while not Registry(str(home)).attempts("live") and time.monotonic() < deadline:
                 time.sleep(0.1)
+            _sign_in(page, server)
             page.goto(server.url + "experiments/live")
             page.evaluate("window.__sameDocument = true")  # gone if the page were reloaded
             assert page.locator("#status").inner_text() in ("running", "interrupting")
@@ -222,3 +230,48 @@ def test_a_preemption_shows_up_live_and_the_stop_button_stops(browser: Any, tmp_
         if run.poll() is None:
             run.kill()
         _finish(run)
+
+
+def test_the_list_polls_cheaply_and_only_while_something_is_live(browser: Any, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    now = time.time()
+    fake_experiment(home, "long-ago", Status.STOPPED, now - 5000)
+    fake_experiment(home, "waiting", Status.PENDING, now - 90)
+    page = _page(browser)
+    polls: list[tuple[int, str | None]] = []
+    page.on(
+        "response",
+        lambda r: (
+            polls.append((r.status, r.request.header_value("if-none-match")))
+            if "/fragments/list" in r.url
+            else None
+        ),
+    )
+    with ui_server(home) as server:
+        stranger = browser.new_page()  # another user: no token, so no page, no token, no Stop
+        response = stranger.goto(server.url)
+        assert response is not None and response.status == 401
+        assert server.token not in stranger.content()
+        stranger.close()
+
+        _sign_in(page, server)
+        duration = page.locator('tr[data-name="waiting"] td.duration')
+        first = duration.inner_text()
+        assert re.fullmatch(r"\dm\d\ds", first), first
+        # Nothing changes in the registry: the server answers 304, the page counts the duration up.
+        page.wait_for_function("() => document.querySelector('tr[data-name=waiting] td.duration')"
+                               f".textContent !== {first!r}")  # fmt: skip
+        with page.expect_response(lambda r: "/fragments/list" in r.url and r.status == 304):
+            pass
+        assert all(tag for status, tag in polls if status == 304)  # each poll sent its ETag back
+        assert page.locator('tr[data-name="waiting"] td.duration').inner_text() != first
+
+        # A change: the next poll draws the table again, and with nothing live any more, stops.
+        Registry(str(home)).transition("waiting", Status.STOPPED, "stopped by the user")
+        page.locator('tr[data-name="waiting"][data-status="stopped"]').wait_for()
+        assert page.locator("td.duration[data-since]").count() == 0
+        assert page.locator("#live .fragment").get_attribute("data-live") == "false"
+        seen = len(polls)
+        page.wait_for_timeout(5000)  # more than two polling intervals: none came
+        assert len(polls) == seen
+    assert not page.errors, page.errors

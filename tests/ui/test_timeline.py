@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lightning_grid.launcher.events import Kind
 from lightning_grid.launcher.experiment import Status
 from lightning_grid.launcher.registry import AttemptRow, EventRow
 from lightning_grid.ui.timeline import build_timeline, format_seconds
@@ -20,8 +21,12 @@ def change(time: float, to: str, reason: str = "", frm: str | None = None) -> Ev
     return EventRow(time, frm, to, reason)
 
 
-def note(time: float, reason: str) -> EventRow:
-    return EventRow(time, None, None, reason)
+def notice(time: float, attempt: int, source: str, reason: str) -> EventRow:
+    """A notice as the launcher records it: a structured event (the timeline reads its fields)."""
+    message = f"attempt {attempt}: notice from {source}: {reason}"
+    return EventRow(
+        time, None, None, message, Kind.NOTICE.value, attempt, {"source": source, "reason": reason}
+    )
 
 
 def phases(lane) -> list[tuple[str, float, float]]:
@@ -39,12 +44,12 @@ TWICE = (
     [
         change(0, "queued", "submitted"),
         change(0.5, "running", "attempt 1 started"),
-        note(30, "attempt 1: notice from simulator: simulated spot interruption after 29s"),
+        notice(30, 1, "simulator", "simulated spot interruption after 29s"),
         change(30, "interrupting", "simulated spot interruption; SIGTERM sent"),
         change(41, "pending", "preempted"),
         change(50, "restoring", "restoring for attempt 2"),
         change(51, "running", "attempt 2 started"),
-        note(70, "attempt 2: notice from aws: spot interruption notice"),
+        notice(70, 2, "aws", "spot interruption notice"),
         change(70, "interrupting", "spot interruption; SIGTERM sent"),
         change(81, "pending", "preempted"),
         change(90, "restoring", "restoring for attempt 3"),

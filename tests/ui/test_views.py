@@ -51,15 +51,15 @@ def test_rows_for_the_list_newest_first_filtered_with_durations(tmp_path: Path) 
     fake_experiment(home, "old", Status.STOPPED, now - 1000)
     fake_experiment(home, "new", Status.PENDING, now - 100)
     registry = Registry(str(home))
-    rows = views.experiment_rows(registry, now=now)
+    rows = views.experiment_rows(registry)
     assert [(r["name"], r["status"], r["attempts"], r["restarts"]) for r in rows] == [
         ("new", "pending", 1, 1),
         ("old", "stopped", 1, 1),
     ]
-    assert rows[0]["seconds"] == 100.0  # live: until now
-    assert rows[1]["seconds"] == 140.0  # ended: until its last change
+    assert rows[0]["seconds"] is None and rows[0]["created"] == now - 100  # live: the page counts up
+    assert rows[1]["seconds"] == 140.0 and rows[1]["duration_text"] == "2m20s"  # ended: to its last change
     assert rows[1]["cost_spot_usd"] > 0 and rows[1]["cost_on_demand_usd"] > rows[1]["cost_spot_usd"]
-    assert [r["name"] for r in views.experiment_rows(registry, "stopped", now=now)] == ["old"]
+    assert [r["name"] for r in views.experiment_rows(registry, "stopped")] == ["old"]
     detail = views.experiment_detail(registry, "new", now=now)
     assert [lane["number"] for lane in detail["timeline"]["lanes"]] == [1, 2]
     assert detail["logs"][0]["lines"] == ["step 1", "step 2"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import lightning.pytorch as pl
 import pytest
 
@@ -31,14 +33,25 @@ def test_every_callback_is_set_up_and_resumable_runs_last(tmp_path) -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"every_n_train_steps": 0}, "every_n_train_steps"),
+        ({"every_n_train_steps": -1}, "every_n_train_steps"),
         ({"every_n_seconds": -1}, "every_n_seconds"),
+        ({"train_time_interval": timedelta(seconds=-1)}, "train_time_interval"),
+        ({"train_time_interval": timedelta(minutes=5), "every_n_seconds": 60}, "not both"),
         ({"keep": 0}, "keep"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         Resumable(**kwargs)
+
+
+def test_periodic_saves_are_spelled_as_model_checkpoint_spells_them() -> None:
+    """``train_time_interval=timedelta`` beside ``every_n_train_steps``, and 0 or None meaning off."""
+    assert Resumable(train_time_interval=timedelta(minutes=10)).every_n_seconds == 600.0
+    assert Resumable(every_n_seconds=30).every_n_seconds == 30
+    off = [Resumable(every_n_train_steps=0, every_n_seconds=0), Resumable(train_time_interval=timedelta(0))]
+    for resumable in off:
+        assert resumable.every_n_train_steps is None and resumable.every_n_seconds is None
 
 
 def test_entry_point_is_silent_without_the_launcher(monkeypatch) -> None:
@@ -73,5 +86,6 @@ def test_time_based_periodic_saves_keep_the_newest(tmp_path) -> None:
     trainer = _trainer(tmp_path, [resumable], max_epochs=2)
     trainer.fit(Tiny(), _loader(32))
     records = CheckpointStore(str(resumable.store.url)).committed()
-    assert len(records) == 2 and all(r.reason == "periodic" for r in records)
+    # The newest is the final checkpoint committed when training ended (a rerun trains nothing).
+    assert len(records) == 2 and [r.reason for r in records] == ["final", "periodic"]
     assert records[0].step > records[1].step

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# A one-node SLURM on this machine, for the tests of the SLURM backend (tests/slurm): munged,
+# slurmctld and slurmd, with a low-priority "spot" partition that higher-tier jobs preempt
+# (PreemptMode=REQUEUE, a GraceTime), a "spotshort" one whose GraceTime is shorter than a full save,
+# and a high-priority "high" one. Idempotent: a cluster already up with this configuration is left
+# as it is. Needs root and Debian (apt); anywhere else it says why on one line and exits 3.
+#
+#   .ci/slurm-up.sh          install if needed, configure, start; exit 0 when `sinfo` answers
+#   .ci/slurm-up.sh --down   stop the daemons it started
+set -euo pipefail
+
+STATE=/var/lib/lightning-grid-slurm
+CONF=/etc/slurm/slurm.conf
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "slurm-up: needs root (installs slurm-wlm and munge, starts munged, slurmctld, slurmd)" >&2
+  exit 3
+fi
+
+if [ "${1:-}" = "--down" ]; then
+  for pidfile in "$STATE/slurmd.pid" "$STATE/slurmctld.pid"; do
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+  done
+  exit 0
+fi
+
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+  if ! command -v apt-get >/dev/null; then
+    echo "slurm-up: slurm-wlm and munge are not installed and there is no apt-get to install them" >&2
+    exit 3
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq slurm-wlm munge >/dev/null
+fi
+
+host=$(hostname -s)
+cpus=$(nproc)
+mkdir -p "$STATE/ctld" "$STATE/d" /etc/slurm /run/munge /var/log/munge /var/lib/munge
+cat >"$CONF.new" <<EOF
+# Written by lightning-grid's .ci/slurm-up.sh: a one-node test cluster.
+ClusterName=lgtest
+SlurmctldHost=$host
+SlurmUser=root
+AuthType=auth/munge
+# A requeued job waits cred_expire + 1 s before it may start again (default 120 s): short here.
+AuthInfo=cred_expire=5
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/d
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=$STATE/slurmctld.log
+SlurmdLogFile=$STATE/slurmd.log
+# No cgroups in a container: follow a job's processes through their parents.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=1
+ReturnToService=2
+MinJobAge=600
+JobRequeue=1
+KillWait=5
+MessageTimeout=10
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+NodeName=$host CPUs=$cpus State=UNKNOWN
+PartitionName=spot Nodes=$host Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=20 MaxTime=INFINITE State=UP
+PartitionName=spotshort Nodes=$host PriorityTier=1 PreemptMode=REQUEUE GraceTime=3 MaxTime=INFINITE State=UP
+PartitionName=high Nodes=$host PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
+EOF
+
+if [ -f "$CONF" ] && cmp -s "$CONF" "$CONF.new" && sinfo -h >/dev/null 2>&1 \
+  && [ -f "$STATE/slurmd.pid" ] && kill -0 "$(cat "$STATE/slurmd.pid")" 2>/dev/null; then
+  rm -f "$CONF.new"
+  exit 0  # already up with this configuration
+fi
+mv "$CONF.new" "$CONF"
+
+if [ ! -s /etc/munge/munge.key ]; then
+  mkdir -p /etc/munge
+  dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+fi
+chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
+chmod 0400 /etc/munge/munge.key
+if ! munge -n </dev/null >/dev/null 2>&1; then
+  runuser -u munge -- /usr/sbin/munged || /usr/sbin/munged --force
+fi
+
+for pidfile in "$STATE/slurmd.pid" "$STATE/slurmctld.pid"; do
+  if [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null; then
+    sleep 1
+  fi
+done
+/usr/sbin/slurmctld -c   # -c: a clean state, nothing queued from an earlier run
+/usr/sbin/slurmd
+
+for _ in $(seq 1 60); do
+  if sinfo -h -o %T -n "$host" 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+    exit 0
+  fi
+  sleep 0.5
+done
+echo "slurm-up: slurmctld/slurmd did not come up; see $STATE/slurmctld.log and $STATE/slurmd.log" >&2
+exit 1

@@ -1,0 +1,342 @@
+"""One attempt, the same wherever it runs: restore → start → watch → SIGTERM → grace → publish → classify.
+
+The local engine and the on-instance agent are front ends over :func:`run`. They differ only in
+where the story goes (the registry, or the artifact store) and in who relaunches (the engine
+itself, or a provisioner); both pass an :class:`Observer` for the first and apply
+:func:`~lightning_grid.launcher.experiment.decide` to the :class:`AttemptReport` for the second.
+Every behaviour of an attempt — the shutdown window, the contract, the devices, steps redone,
+"training finished as the notice came" — is written here once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lightning_grid.checkpoints import COMPLETED_MARKER, CheckpointStore
+from lightning_grid.contract import Contract
+from lightning_grid.errors import StoreError
+from lightning_grid.launcher import artifacts
+from lightning_grid.launcher.events import Kind
+from lightning_grid.launcher.experiment import Outcome, classify
+from lightning_grid.launcher.layout import StoreLayout
+from lightning_grid.launcher.notices import Notice, NoticeSource
+from lightning_grid.launcher.processes import kill_attempt_processes
+from lightning_grid.launcher.spec import Spec
+from lightning_grid.launcher.supervisor import AttemptResult, attempt_env, run_attempt
+from lightning_grid.launcher.window import ShutdownWindow
+
+__all__ = ["Observer", "AttemptSetup", "AttemptReport", "run", "conclude", "steps_redone", "save_workdir"]
+
+
+class Observer(Protocol):
+    """Where an attempt's story goes, and how the front end hears of a stop request."""
+
+    def emit(self, kind: Kind, message: str, **data: Any) -> None: ...
+
+    def started(self, pid: int, log_path: str) -> None: ...
+
+    def interrupting(self, notice: Notice, window_s: float) -> None: ...
+
+    def stop_requested(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class AttemptSetup:
+    """Everything one attempt needs, decided by the front end before it starts."""
+
+    number: int
+    spec: Spec
+    command: Sequence[str]
+    workdir: str  # the execution directory on this machine
+    layout: StoreLayout
+    log_path: str
+    private_dir: str  # our own files for this attempt (notice file, spool): never synced
+    devices: str | None = None  # CUDA_VISIBLE_DEVICES for the script (None: leave as is)
+    sync_s: float = 0.0  # how long the last execution-directory sync took (for the window plan)
+    fresh: bool = True  # empty the workdir before restoring (the engine); the agent restores over it
+    experiment_id: str | None = None  # the store folder must belong to this experiment
+    last_checkpoint_step: int | None = None  # the newest checkpoint the story knows was committed
+    echo: bool = True
+
+
+@dataclass(frozen=True)
+class AttemptReport:
+    number: int
+    outcome: Outcome
+    reason: str
+    exit_code: int | None
+    notice_source: str | None
+    notice_at: float | None  # wall-clock time of the notice
+    window_s: float | None
+    plan: str | None
+    checkpoint_step: int | None
+    steps_redone: int | None
+    sigterm_after_notice_s: float | None
+    exit_after_sigterm_s: float | None
+    synced_after_notice_s: float | None
+    sync_s: float | None  # None: the sync failed
+    seconds: float
+
+
+def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer) -> AttemptReport:
+    spec = setup.spec
+    layout = setup.layout
+    store = CheckpointStore(layout.checkpoints)
+    try:
+        if setup.experiment_id is not None:
+            layout.check_owner(setup.experiment_id)
+        _restore(setup, observer)
+        os.makedirs(setup.private_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(setup.log_path), exist_ok=True)
+        store.clear_marker()
+        store.clear_marker(COMPLETED_MARKER)
+        lost = _lost_steps(setup, store, observer)
+    except StoreError:
+        raise
+    except Exception as exc:  # any backend's failure before the script starts: nothing ran, nothing lost
+        raise StoreError(f"store unreachable or unwritable: {layout.base}: {_one_line(exc)}") from exc
+    window = ShutdownWindow(
+        store,
+        notice_path=os.path.join(setup.private_dir, f"notice-{setup.number}.json"),
+        spool_dir=os.path.join(setup.private_dir, f"spool-{setup.number}"),
+        sync_s=setup.sync_s,
+    )
+    contract = Contract(
+        resumable=spec.resumable,
+        checkpoints=layout.checkpoints,
+        experiment=spec.name,
+        attempt=setup.number,
+        notice_file=window.notice_path,
+        every_n_train_steps=spec.every_n_train_steps,
+        every_n_seconds=spec.every_n_seconds,
+    )
+    plans: list[str] = []
+
+    def on_notice(notice: Notice, window_s: float) -> None:
+        observer.emit(
+            Kind.NOTICE,
+            f"notice from {notice.source}: {notice.reason}",
+            source=notice.source,
+            reason=notice.reason,
+            window_s=window_s,
+        )
+        if spec.resumable:
+            plan = window.plan(window_s)
+            plans.append(plan.plan.value)
+            observer.emit(
+                Kind.PLAN,
+                f"shutdown plan {plan.plan.value}: {plan.reason}",
+                plan=plan.plan.value,
+                window_s=window_s,
+            )
+        observer.interrupting(notice, window_s)
+
+    result = run_attempt(
+        list(setup.command),
+        cwd=setup.workdir,
+        env=attempt_env(contract, setup.devices),
+        log_path=setup.log_path,
+        notices=sources,
+        grace_period=spec.grace_period,
+        stop_requested=observer.stop_requested,
+        on_start=lambda pid: observer.started(pid, setup.log_path),
+        on_notice=on_notice,
+        echo=setup.echo,
+    )
+    after_exit = time.monotonic()
+    published = window.publish()
+    if published is not None:
+        observer.emit(Kind.PUBLISHED, published)
+    stragglers = kill_attempt_processes(spec.name, setup.number, layout.checkpoints)
+    if stragglers:
+        observer.emit(
+            Kind.WARNING,
+            f"{stragglers} process(es) of the attempt outlived it (they left its process group): killed",
+            processes=stragglers,
+        )
+    sync_s = save_workdir(setup.workdir, layout, observer)
+    marker, completed = _markers(store, observer)
+    outcome, reason = conclude(result, marker, completed, spec.resumable, spec.grace_period)
+    if outcome is Outcome.FAILED:
+        last = _last_line(setup.log_path)
+        reason = f"{reason}: {last}" if last else reason  # the script's own last word names the cause
+    redone = steps_redone(outcome, marker)
+    if lost and outcome is not Outcome.KILLED:
+        redone = lost + (redone or 0)
+    if result.exit_after_sigterm_s is not None:
+        used = ""
+        if result.window_s:
+            used = f", {100 * result.exit_after_sigterm_s / result.window_s:.0f}% of its {result.window_s:.0f}s window"
+        observer.emit(
+            Kind.EXITED,
+            f"SIGTERM {result.sigterm_after_notice_s or 0:.2f}s after the notice, exit"
+            f" {result.exit_after_sigterm_s:.2f}s after SIGTERM{used}",
+            sigterm_after_notice_s=result.sigterm_after_notice_s,
+            exit_after_sigterm_s=result.exit_after_sigterm_s,
+            window_s=result.window_s,
+        )
+    synced_after = None
+    if result.exit_after_sigterm_s is not None:
+        synced_after = (
+            (result.sigterm_after_notice_s or 0.0)
+            + result.exit_after_sigterm_s
+            + time.monotonic()
+            - after_exit
+        )
+    report = AttemptReport(
+        number=setup.number,
+        outcome=outcome,
+        reason=reason,
+        exit_code=result.exit_code,
+        notice_source=result.notice.source if result.notice else None,
+        notice_at=result.notice_at,
+        window_s=result.window_s,
+        plan=plans[0] if plans else None,
+        checkpoint_step=int(marker["step"]) if marker else None,
+        steps_redone=redone,
+        sigterm_after_notice_s=result.sigterm_after_notice_s,
+        exit_after_sigterm_s=result.exit_after_sigterm_s,
+        synced_after_notice_s=synced_after,
+        sync_s=sync_s,
+        seconds=result.seconds,
+    )
+    observer.emit(Kind.ENDED, f"ended: {reason}", **_fields(report))
+    return report
+
+
+def _markers(store: CheckpointStore, observer: Observer) -> tuple[dict[str, Any] | None, bool]:
+    """What the script left: a store that does not answer now is an event, and the attempt is then
+    judged without its markers (a preemption "without a marker"), never a crashed launcher."""
+    try:
+        return store.read_marker(), store.read_marker(COMPLETED_MARKER) is not None
+    except Exception as exc:  # any backend's failure
+        observer.emit(Kind.WARNING, f"cannot read the markers in {store.url}: {_one_line(exc)}")
+        return None, False
+
+
+def _lost_steps(setup: AttemptSetup, store: CheckpointStore, observer: Observer) -> int:
+    """Steps the story says were checkpointed but the store no longer has (a deleted or replaced
+    checkpoint folder): this attempt trains them again, and the bill says so."""
+    expected = setup.last_checkpoint_step
+    if not expected:
+        return 0
+    newest = next(iter(store.committed()), None)
+    have = newest.step if newest is not None else 0
+    if have >= expected:
+        return 0
+    where = f"step {have}" if newest is not None else "the start"
+    observer.emit(
+        Kind.WARNING,
+        f"the checkpoint at step {expected} is gone from {store.url}; training resumes from {where}",
+        expected_step=expected,
+        found_step=have,
+    )
+    return expected - have
+
+
+def _last_line(path: str, limit: int = 200) -> str:
+    """The last non-empty line of a log (read from its end: logs can be large)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(path) - 4096))
+            tail = handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip(": ")
+
+
+def _fields(report: AttemptReport) -> dict[str, Any]:
+    data = dict(report.__dict__)
+    data["outcome"] = report.outcome.value
+    return data
+
+
+def _restore(setup: AttemptSetup, observer: Observer) -> None:
+    """The execution directory as the last attempt left it; on an agent's first machine, the other
+    way round: the directory it was started in becomes the experiment's."""
+    execdir = setup.layout.execdir
+    if setup.fresh:
+        shutil.rmtree(setup.workdir, ignore_errors=True)
+    os.makedirs(setup.workdir, exist_ok=True)
+    if artifacts.has_snapshot(execdir):
+        stats = artifacts.restore(execdir, setup.workdir)
+        observer.emit(
+            Kind.RESTORED, f"execution directory restored ({stats.describe()})", seconds=stats.seconds
+        )
+    else:
+        stats = artifacts.upload(setup.workdir, execdir)
+        observer.emit(
+            Kind.CAPTURED, f"execution directory captured ({stats.describe()})", seconds=stats.seconds
+        )
+
+
+def save_workdir(workdir: str, layout: StoreLayout, observer: Observer) -> float | None:
+    """Sync an attempt's directory; a store that fails here is an event, not a lost experiment
+    (the checkpoints went to the store directly). Returns the seconds it took (None: failed)."""
+    try:
+        sync = artifacts.upload(workdir, layout.execdir)
+    except Exception as exc:  # any backend's failure (botocore's are not OSErrors)
+        observer.emit(
+            Kind.SYNC_FAILED, f"saving the execution directory failed: {_one_line(exc)}", error=str(exc)
+        )
+        return None
+    observer.emit(
+        Kind.SYNCED,
+        f"execution directory saved ({sync.describe()})",
+        seconds=round(sync.seconds, 3),
+        files=sync.files,
+        transferred=sync.transferred,
+    )
+    return sync.seconds
+
+
+def conclude(
+    result: AttemptResult,
+    marker: dict[str, Any] | None,
+    completed: bool,
+    resumable: bool,
+    grace_period: float,
+) -> tuple[Outcome, str]:
+    """The attempt's outcome and its one-line reason, from the process result and the markers the
+    script left (PREEMPTED: it saved and left at the notice; COMPLETED: it had finished on its own)."""
+    noticed = result.notice is not None and result.notice.source != "user"
+    if noticed and result.exit_code == 0 and marker is None and completed:
+        noticed = False  # training had finished and the script ended on its own: a success
+    outcome = classify(result.exit_code, noticed, result.killed_after_grace, resumable, result.stopped)
+    if outcome is Outcome.PREEMPTED:
+        redo = steps_redone(outcome, marker)
+        if marker is None:
+            return outcome, "preempted; exited 0 (no checkpoint marker)"
+        if redo:
+            return outcome, (
+                f"preempted; no new save fitted, kept the checkpoint at step {marker['step']} ({redo} steps to redo)"
+            )
+        return outcome, f"preempted; checkpoint at step {marker['step']}"
+    if outcome is Outcome.KILLED and result.escalated:
+        return outcome, "killed at once by a second interruption of the launcher (a second Ctrl-C)"
+    if outcome is Outcome.KILLED:
+        allowed = result.window_s if result.window_s is not None else grace_period
+        return outcome, f"no exit within the {allowed:.3g}s the notice allowed: SIGKILL"
+    if outcome is Outcome.FAILED:
+        return outcome, f"exited {result.exit_code}"
+    return outcome, outcome.value
+
+
+def steps_redone(outcome: Outcome, marker: dict[str, Any] | None) -> int | None:
+    """Steps the next attempt computes again: none after a full save; those since the checkpoint
+    kept when no new save fitted the notice's window; unknown after a SIGKILL."""
+    if outcome is not Outcome.PREEMPTED or marker is None:
+        return None
+    return max(0, int(marker.get("left_at", marker["step"])) - int(marker["step"]))

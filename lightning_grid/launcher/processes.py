@@ -1,0 +1,48 @@
+"""Finding every process of an attempt, including those that left its process group.
+
+An attempt's script runs in its own process group, and one signal to the group reaches the script
+and its ordinary children. A child that calls ``setsid()`` (a daemonised helper, a data server)
+leaves the group, and a launcher killed with SIGKILL leaves no one to signal anything. Every
+process of an attempt inherits the contract's variables, so they name it: the experiment, the
+attempt number and the checkpoint URL together identify one attempt on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import psutil
+
+from lightning_grid.contract import ENV_ATTEMPT, ENV_CHECKPOINTS, ENV_EXPERIMENT
+
+__all__ = ["attempt_processes", "kill_attempt_processes"]
+
+
+def attempt_processes(experiment: str | None, attempt: int, checkpoints: str) -> list[psutil.Process]:
+    """The live processes (of this user) whose environment names this attempt."""
+    wanted = {ENV_EXPERIMENT: experiment or "", ENV_ATTEMPT: str(attempt), ENV_CHECKPOINTS: checkpoints}
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            env = proc.environ()
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
+            continue
+        if all(env.get(k) == v for k, v in wanted.items()):
+            found.append(proc)
+    return found
+
+
+def kill_attempt_processes(experiment: str | None, attempt: int, checkpoints: str) -> int:
+    """SIGKILL what is left of an attempt (its group's SIGTERM and grace period are over). Returns
+    how many processes were killed."""
+    procs = attempt_processes(experiment, attempt, checkpoints)
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=5)
+    return len(procs)

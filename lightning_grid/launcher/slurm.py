@@ -1,0 +1,465 @@
+"""The SLURM front end: ``lightning-grid run --backend slurm`` submits, SLURM runs and requeues, we follow.
+
+Who does what::
+
+    this machine (the follower)                 the allocated node (one SLURM run of the job = one attempt)
+    ───────────────────────────                 ──────────────────────────────────────────────────────────
+    submit: sbatch --requeue a batch script ──▶  srun lightning-grid agent --backend slurm -- python SCRIPT …
+    follow: squeue/scontrol state + the           attempt.run: restore → start → watch (SIGTERM from SLURM
+            agent's events in the store  ◀──────   = a "slurm" notice with the GraceTime window) → save
+            mirrored into the registry             → publish → classify; decide(); events to the store;
+    stop:   a stop event in the store, the         relaunch: SLURM requeues a preempted job itself, the
+            agent stops in order, then scancel     agent requeues a crash retry (scontrol requeue + BeginTime)
+
+No attempt logic lives here: an attempt is :func:`lightning_grid.launcher.attempt.run` inside the
+agent, what follows it is :func:`~lightning_grid.launcher.experiment.decide`. This module only turns
+what SLURM and the agent say into the registry's statuses and events, and repairs the one case
+nobody on the node can: a job that ended without a word from its agent (``scancel --signal=KILL``,
+a node that died, a time limit) is settled as *killed* and requeued when the budget allows.
+
+Why the agent runs as a job step (``srun``) and not as the batch shell itself: SLURM delivers the
+preemption's SIGTERM (at the start of the partition's ``GraceTime``) to the job's steps, never to
+the batch shell; the batch shell hears only the final SIGTERM/SIGKILL, ``KillWait`` seconds apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING, Any
+
+from lightning_grid.errors import LightningGridError, StoreError, UsageError
+from lightning_grid.launcher.events import Event, Kind, StoreEventLog
+from lightning_grid.launcher.experiment import Status, can_transition
+from lightning_grid.launcher.registry import ExperimentRow
+from lightning_grid.launcher.spec import Spec
+
+if TYPE_CHECKING:
+    from lightning_grid.launcher.engine import Engine
+
+__all__ = [
+    "SlurmError",
+    "STOP_KIND",
+    "precheck",
+    "batch_script",
+    "submit",
+    "follow",
+    "stop",
+    "job_id",
+    "job_state",
+    "node_window",
+    "requeue",
+]
+
+#: The event a ``stop`` leaves in the store: the agent polls for it and stops its attempt in order.
+STOP_KIND = "stop_requested"
+#: SLURM states in which the job may still run (or is about to run) again.
+_LIVE_STATES = frozenset(
+    {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+     "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+)  # fmt: skip
+_TIMEOUT_S = 30.0  # one SLURM command; slurmctld answers in milliseconds when it is up
+
+
+class SlurmError(LightningGridError):
+    """SLURM refused or could not be reached; the message is SLURM's own, on one line."""
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " / ".join(lines[-2:]) if lines else ""
+
+
+def _run(argv: Sequence[str], what: str, timeout: float = _TIMEOUT_S) -> str:
+    """A SLURM command's stdout; its failure is one line with SLURM's reason."""
+    if shutil.which(argv[0]) is None:
+        raise UsageError(
+            f"{argv[0]} not found: --backend slurm needs the SLURM client commands on this machine"
+        )
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{what}: {argv[0]} did not answer in {timeout:g}s (is slurmctld up?)") from None
+    if proc.returncode != 0:
+        raise SlurmError(
+            f"{what}: {_one_line(proc.stderr or proc.stdout) or f'{argv[0]} exited {proc.returncode}'}"
+        )
+    return proc.stdout
+
+
+def _fields(line: str) -> dict[str, str]:
+    """``scontrol show … -o`` output: ``Key=Value`` pairs on one line (values without spaces here)."""
+    found: dict[str, str] = {}
+    for part in line.split():
+        key, sep, value = part.partition("=")
+        if sep:
+            found[key] = value
+    return found
+
+
+# -- on the node -------------------------------------------------------------------------------------
+def node_window(partition: str | None) -> float:
+    """Seconds from SLURM's SIGTERM to its SIGKILL: the partition's GraceTime on a preemption, the
+    cluster's KillWait when there is none (a cancel or a time limit). 30 s (SLURM's default
+    KillWait) when SLURM cannot be asked."""
+    with contextlib.suppress(LightningGridError, ValueError):
+        if partition:
+            grace = float(
+                _fields(_run(["scontrol", "show", "partition", partition, "-o"], "partition")).get(
+                    "GraceTime", 0
+                )
+            )
+            if grace > 0:
+                return grace
+        for line in _run(["scontrol", "show", "config"], "config").splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "KillWait":
+                return float(value.split()[0])
+    return 30.0
+
+
+def requeue(job: str, delay_s: float = 0.0) -> str:
+    """Put the job back in the queue (a crash retry, or a job SLURM did not requeue itself), not
+    before ``delay_s`` from now. A job SLURM is already requeueing (a preemption) answers "pending
+    execution": that is the same result. Returns what happened, for the story."""
+    try:
+        _run(["scontrol", "requeue", job], f"requeue job {job}")
+        done = f"requeued job {job}"
+    except SlurmError as exc:
+        if "pending" not in str(exc).lower():
+            raise
+        done = f"job {job} is already back in the queue"
+    if delay_s > 0:
+        with contextlib.suppress(SlurmError):
+            _run(
+                ["scontrol", "update", f"JobId={job}", f"StartTime=now+{max(1, round(delay_s))}"],
+                "begin time",
+            )
+            done += f", not before {delay_s:g}s from now"
+    return done
+
+
+# -- on the submitting machine -------------------------------------------------------------------------
+def _sbatch_options(spec: Spec, name: str, output: str) -> list[str]:
+    options = [
+        f"--job-name=lg-{name}",
+        "--requeue",  # preemption and node failure put the job back in the queue, never drop it
+        "--open-mode=append",  # each requeued run appends to the same output file
+        f"--output={output}",
+        "--nodes=1",
+        "--ntasks=1",
+    ]
+    for flag, value in (("partition", spec.partition), ("gres", spec.gres), ("time", spec.time_limit),
+                        ("account", spec.account)):  # fmt: skip
+        if value:
+            options.append(f"--{flag}={value}")
+    return options
+
+
+def _agent_argv(row: ExperimentRow, home: str, workdir: str) -> list[str]:
+    spec = row.spec
+    python = sys.executable
+    argv = [
+        python, "-m", "lightning_grid.cli", "agent", "--backend", "slurm", "--cloud", "none",
+        "--artifacts", str(spec.artifacts), "--name", row.name, "--workdir", workdir,
+        "--log-dir", os.path.join(home, "runs", row.name),
+        "--max-restarts", str(spec.max_restarts), "--retries", str(spec.retries),
+        "--retry-delay", repr(spec.retry_delay), "--grace-period", repr(spec.grace_period),
+        "--instance-type", spec.instance_type,
+    ]  # fmt: skip
+    if spec.resumable:
+        argv.append("--resumable")
+    if spec.every_n_train_steps:
+        argv += ["--every-n-train-steps", str(spec.every_n_train_steps)]
+    if spec.every_n_seconds:
+        argv += ["--every-n-seconds", repr(spec.every_n_seconds)]
+    if spec.simulate_preemptions:
+        argv += ["--simulate-preemptions", ",".join(repr(s) for s in spec.simulate_preemptions)]
+    return [*argv, "--", python, spec.script, *spec.args]
+
+
+def batch_script(row: ExperimentRow, home: str) -> str:
+    """The batch script: every run of the job (the first, and each after a requeue) is one attempt
+    of the agent in a fresh execution directory on node-local scratch."""
+    spec = row.spec
+    output = os.path.join(home, "runs", row.name, "slurm-%j.out")
+    workdir = f"${{SLURM_TMPDIR:-${{TMPDIR:-/tmp}}}}/lightning-grid-{row.name}-$SLURM_JOB_ID"
+    agent = " ".join(shlex.quote(a) for a in _agent_argv(row, home, "@WORKDIR@"))
+    agent = agent.replace("@WORKDIR@", f'"{workdir}"')
+    step = ["srun", "--ntasks=1", "--nodes=1", "--kill-on-bad-exit=1"]
+    if spec.gres:
+        step.append(f"--gres={spec.gres}")
+    header = "\n".join(f"#SBATCH {o}" for o in _sbatch_options(spec, row.name, output))
+    return (
+        "#!/bin/bash\n"
+        f"# lightning-grid experiment {row.name}: written by `lightning-grid run --backend slurm`.\n"
+        f"{header}\n"
+        f'rm -rf "{workdir}"\n'
+        "# The agent runs as a job step: SLURM sends a preemption's SIGTERM to steps, not to this shell.\n"
+        f"exec {' '.join(step)} {agent}\n"
+    )
+
+
+def precheck(spec: Spec) -> None:
+    """Before anything is written: the partition exists and SLURM would accept the request
+    (``sbatch --test-only``). Bad input is a UsageError with SLURM's reason; slurmctld down is a
+    SlurmError (exit 1)."""
+    if spec.partition:
+        try:
+            _run(["scontrol", "show", "partition", spec.partition, "-o"], f"--partition {spec.partition}")
+        except SlurmError as exc:
+            if "not found" in str(exc).lower() or "invalid partition" in str(exc).lower():
+                raise UsageError(f"unknown SLURM partition {spec.partition!r}: {exc}") from None
+            raise
+    probe = [*_sbatch_options(spec, "check", os.devnull)]
+    try:
+        _run(["sbatch", "--test-only", *probe, "--wrap", "true"], "sbatch rejected the request")
+    except SlurmError as exc:
+        if "unable to contact" in str(exc).lower() or "did not answer" in str(exc):
+            raise
+        raise UsageError(str(exc)) from None
+
+
+def submit(engine: Engine, row: ExperimentRow) -> str:
+    """sbatch the experiment; returns the SLURM job id (also recorded in the registry's story)."""
+    folder = os.path.join(engine.home, "runs", row.name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "job.sbatch")
+    with open(path, "w") as handle:
+        handle.write(batch_script(row, engine.home))
+    try:
+        out = _run(["sbatch", "--parsable", path], "sbatch")
+    except LightningGridError as exc:
+        engine.registry.transition(row.name, Status.FAILED, f"sbatch failed: {exc}")
+        raise
+    job = out.strip().split(";")[0]
+    engine.registry.record(
+        row.name, Kind.NOTE, f"submitted to SLURM as job {job}", slurm_job_id=job, script=path
+    )
+    engine.say(f"{row.name}: SLURM job {job} (partition {row.spec.partition or 'default'})")
+    return job
+
+
+def job_id(engine: Engine, name: str) -> str | None:
+    ids = [e.data["slurm_job_id"] for e in engine.registry.events(name) if e.data.get("slurm_job_id")]
+    return str(ids[-1]) if ids else None
+
+
+def job_state(job: str) -> dict[str, str] | None:
+    """``scontrol show job`` as fields (JobState, Reason, Restarts, RunTime …); None: SLURM no
+    longer knows the job (it ended longer than MinJobAge ago)."""
+    try:
+        out = _run(["scontrol", "show", "job", job, "-o"], f"job {job}")
+    except SlurmError as exc:
+        if "invalid job id" in str(exc).lower():
+            return None
+        raise
+    return _fields(out)
+
+
+# -- following the job: SLURM's state and the agent's story, into the registry ---------------------------
+class _Mirror:
+    """Copies the agent's events from the store into the registry, each once, as transitions the
+    table allows (a replayed or out-of-order event becomes a note, never a crashed follower)."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.engine, self.registry, self.name = engine, engine.registry, name
+        row = self.registry.get(name)
+        self.log = StoreEventLog(row.layout)
+        # A follower that starts again (run --resume) skips what an earlier one mirrored: the store's
+        # events older than the registry's newest write.
+        last = max((e.time for e in self.registry.events(name)), default=0.0)
+        self.seen = sum(1 for e in self.log.read() if e.time <= last)
+        self.spec = row.spec
+
+    def events(self) -> list[Event]:
+        return self.log.read()
+
+    def run(self) -> list[Event]:
+        events = self.events()
+        for event in events[self.seen :]:
+            self._apply(event)
+            self.seen += 1
+        return events
+
+    def _move(self, target: Status, reason: str, attempt: int | None, **counters: Any) -> bool:
+        """Move to ``target`` if the table allows it (through ``restoring`` from ``pending``)."""
+        current = self.registry.get(self.name).status
+        if current is target:
+            return False
+        if current is Status.PENDING and target is Status.RUNNING:
+            self.registry.transition(self.name, Status.RESTORING, f"restoring for attempt {attempt}", attempt)
+            current = Status.RESTORING
+        if not can_transition(current, target):
+            return False
+        self.registry.transition(self.name, target, reason, attempt=attempt, **counters)
+        return True
+
+    def _apply(self, e: Event) -> None:
+        n = e.attempt
+        data = {**e.data, "store_event": True}
+        kind = e.kind
+        if kind == Kind.STARTED.value and n is not None:
+            log_path = os.path.join(self.engine.home, "runs", self.name, f"attempt-{n}.log")
+            if n not in {a.number for a in self.registry.attempts(self.name)}:
+                self.registry.start_attempt(self.name, n, int(e.data.get("pid") or 0), log_path)
+            self.registry.record(self.name, Kind.STARTED, f"attempt {n}: {e.message}", attempt=n, **data)
+            self._move(Status.RUNNING, f"attempt {n} started on {e.data.get('host')}", n)
+            return
+        if kind in (Kind.RESTORED.value, Kind.CAPTURED.value):
+            self._move(Status.RESTORING, f"restoring for attempt {n}", n)
+        if kind == Kind.TRANSITION.value and e.to_status == Status.INTERRUPTING.value:
+            if not self._move(Status.INTERRUPTING, e.message, n):
+                self.registry.record(self.name, Kind.NOTE, e.message, attempt=n, **data)
+            return
+        if kind == Kind.ENDED.value and n is not None:
+            fields = {k: e.data.get(k) for k in ("exit_code", "outcome", "reason", "notice_at", "checkpoint_step",
+                                                  "steps_redone")}  # fmt: skip
+            if n in {a.number for a in self.registry.attempts(self.name)}:
+                self.registry.update_attempt(self.name, n, ended=e.time, **fields)
+        if kind == Kind.DECISION.value:
+            d = e.data
+            moved = self._move(
+                Status(d["status"]), e.message, n, restarts=int(d.get("restarts", 0)),
+                failures=int(d.get("failures", 0)), retry_at=d.get("retry_at"),
+            )  # fmt: skip
+            if not moved:
+                self.registry.record(self.name, Kind.DECISION, e.message, attempt=n, **data)
+            return
+        try:
+            known = Kind(kind)
+        except ValueError:
+            known = Kind.NOTE
+        self.registry.record(
+            self.name, known, f"attempt {n}: {e.message}" if n else e.message, attempt=n, **data
+        )
+
+
+def _echo_logs(engine: Engine, name: str, offsets: dict[int, int], out: IO[bytes]) -> None:
+    for a in engine.registry.attempts(name):
+        offset = offsets.get(a.number, 0)
+        with contextlib.suppress(FileNotFoundError), open(a.log_path, "rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read(1 << 20)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                offsets[a.number] = offset + len(chunk)
+
+
+def settle_if_silent(engine: Engine, name: str, job: str, state: str, mirror: _Mirror) -> None:
+    """A run of the job that ended without its agent's end (SIGKILL, a dead node, the time limit)
+    is one *killed* attempt, decided like any other; a job SLURM no longer runs is requeued when
+    that decision relaunches. Only while the job is not running: a starting agent settles itself."""
+    from lightning_grid.launcher.agent import settle_unended
+
+    row = engine.registry.get(name)
+    decision = settle_unended(
+        mirror.log, row.spec, f"SLURM job {job} ended {state} without a word from the agent"
+    )
+    mirror.run()
+    if state in _LIVE_STATES or row.stop_requested:
+        return
+    story = engine.registry.get(name)
+    if decision is not None and not decision.relaunch:
+        return
+    if story.status is Status.PENDING:
+        delay = max(0.0, (story.retry_at or 0.0) - time.time())
+        engine.registry.note(name, requeue(job, delay))
+    elif story.status in (Status.QUEUED, Status.RUNNING, Status.RESTORING, Status.INTERRUPTING):
+        # The job ended before any agent could say anything (the batch script itself failed).
+        mirror._move(
+            Status.FAILED,
+            f"SLURM job {job} ended {state} before the agent ran: {_output_tail(engine, name, job)}",
+            None,
+        )
+
+
+def _output_tail(engine: Engine, name: str, job: str) -> str:
+    path = os.path.join(engine.home, "runs", name, f"slurm-{job}.out")
+    with contextlib.suppress(OSError), open(path, "rb") as handle:
+        handle.seek(max(0, os.path.getsize(path) - 2048))
+        return _one_line(handle.read().decode(errors="replace"))[-300:]
+    return "no output"
+
+
+def follow(engine: Engine, name: str, poll_s: float = 1.0) -> ExperimentRow:
+    """Follow the job until the experiment ends: mirror the agent's story, watch SLURM's state,
+    requeue a job that ended without its agent. Ctrl-C leaves the job to SLURM."""
+    job = job_id(engine, name)
+    if job is None:
+        raise LightningGridError(f"{name} has no SLURM job id in its story")
+    mirror = _Mirror(engine, name)
+    offsets: dict[int, int] = {}
+    out = sys.stdout.buffer
+    last_state = None
+    try:
+        while True:
+            try:
+                mirror.run()
+                info = job_state(job)
+            except (StoreError, SlurmError) as exc:  # unreadable for now: ask again
+                engine.say(f"warning: {exc}")
+                time.sleep(5 * poll_s)
+                continue
+            if engine.echo:
+                _echo_logs(engine, name, offsets, out)
+            row = engine.registry.get(name)
+            if row.status.is_terminal():
+                return row
+            state = (info or {}).get("JobState", "GONE")
+            if state != last_state:
+                reason = (info or {}).get("Reason", "")
+                engine.registry.note(
+                    name, f"SLURM job {job}: {state}{f' ({reason})' if reason not in ('', 'None') else ''}"
+                )
+                last_state = state
+            if row.stop_requested and state not in _LIVE_STATES:
+                if not engine.registry.get(name).status.is_terminal():
+                    engine.registry.transition(name, Status.STOPPED, "stopped by the user")
+                return engine.registry.get(name)
+            if state in ("PENDING", "GONE") or state not in _LIVE_STATES:
+                settle_if_silent(engine, name, job, state, mirror)
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        engine.say(f"{name} goes on in SLURM as job {job}; follow it: lightning-grid logs {name} -f;"
+                   f" stop it: lightning-grid stop {name}")  # fmt: skip
+        return engine.registry.get(name)
+
+
+def stop(engine: Engine, name: str) -> ExperimentRow:
+    """Stop in order: a stop event in the store (a running agent stops its script: SIGTERM, save,
+    exit), then, once it is done or its grace period is over, ``scancel``: nothing stays queued."""
+    row = engine.registry.get(name)
+    if row.status.is_terminal():
+        return row
+    engine.registry.request_stop(name)
+    job = job_id(engine, name)
+    StoreEventLog(row.layout).emit(Event(STOP_KIND, "stop requested by the user"))
+    info = job_state(job) if job else None
+    if info is not None and info.get("JobState") == "RUNNING":
+        deadline = time.monotonic() + row.spec.grace_period + 30
+        mirror = _Mirror(engine, name)
+        while time.monotonic() < deadline:
+            events = mirror.events()
+            decided = [e for e in events if e.kind == Kind.DECISION.value]
+            if decided and decided[-1].time > row.updated and decided[-1].data.get("status") == "stopped":
+                break
+            info = job_state(job) if job else None
+            if info is None or info.get("JobState") not in ("RUNNING", "COMPLETING"):
+                break
+            time.sleep(0.5)
+        with contextlib.suppress(LightningGridError):
+            mirror.run()
+    if job:
+        _run(["scancel", job], f"scancel {job}")
+    row = engine.registry.get(name)
+    if not row.status.is_terminal():
+        engine.registry.transition(name, Status.STOPPED, f"stopped by the user (SLURM job {job} cancelled)")
+    return engine.registry.get(name)

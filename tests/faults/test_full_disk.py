@@ -1,0 +1,112 @@
+"""A full or read-only checkpoint folder, on real filesystems, under real training subprocesses.
+
+The folder is a small tmpfs (``small_tmpfs``): the kernel itself answers ENOSPC, part-way through
+a write, as a full volume does. ``ballast`` takes the space a test wants gone, so exactly one
+checkpoint of the test model (~266 kB) fits and the next one does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning_grid.checkpoints import PREEMPTED_MARKER, CheckpointStore
+from tests.faults.conftest import MountTmpfs, fill
+from tests.helpers import run_train
+
+#: Free bytes left on the tmpfs: one checkpoint of the default test model (~266 kB) and its small
+#: files fit, a second one does not.
+ROOM_FOR_ONE = 400_000
+TRAIN = ["--epochs", "1", "--every-n-steps", "3", "--logger", "none"]
+
+
+def _temp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def _only_committed_step(folder: Path) -> int:
+    store = CheckpointStore(str(folder))
+    found = store.latest_valid()
+    assert found is not None, "no valid committed checkpoint left"
+    assert [r.step for r in store.committed()] == [found[0].step]
+    return found[0].step
+
+
+def test_full_disk_during_periodic_save_warns_and_training_continues(
+    small_tmpfs: MountTmpfs, mnist_dir: Path, tmp_path: Path
+) -> None:
+    disk = small_tmpfs(size="2m")
+    fill(disk, leave=ROOM_FOR_ONE)
+    ckpts = disk / "ck"
+    out = tmp_path / "weights.pt"
+    run = run_train(mnist_dir, tmp_path / "root", out, [*TRAIN, "--ckpt-dir", str(ckpts), "--announce"])
+    # Before: exit 1 at step 6 with "unexpected pos 162112 vs 162000" from torch's zip writer.
+    steps = [int(line.split()[1]) for line in run.output.splitlines() if line.startswith("STEP ")]
+    assert steps == list(range(15)), f"training stopped after step {steps[-1:]}:\n{run.output[-3000:]}"
+    warnings = [line for line in run.output.splitlines() if "periodic checkpoint at step" in line]
+    # Steps 6, 9 and 12 were due and each was tried (and failed) again.
+    assert len(warnings) == 3, run.output[-3000:]
+    assert all("ENOSPC" in line and str(ckpts) in line for line in warnings), warnings
+    assert not any("unexpected pos" in line for line in warnings)
+    assert _temp_files(ckpts) == []
+    store = CheckpointStore(str(ckpts))
+    periodic = [r for r in store.committed() if r.reason == "periodic"]
+    assert [r.step for r in periodic] == [3]  # the one that fitted stays committed ...
+    assert store.read_verified(periodic[0])  # ... and valid
+    # What happens when training ends (a final save, if the callback makes one, on the same full
+    # disk) is another fault, tested on its own.
+
+
+def test_full_disk_at_preemption_exits_0_and_marks_the_older_checkpoint(
+    small_tmpfs: MountTmpfs, mnist_dir: Path, tmp_path: Path
+) -> None:
+    disk = small_tmpfs(size="2m")
+    fill(disk, leave=ROOM_FOR_ONE)
+    ckpts = disk / "ck"
+    out = tmp_path / "weights.pt"
+    # SIGTERM at the start of the batch taken at global step 8: the cut (and the failed save) is at 9.
+    args = [*TRAIN, "--ckpt-dir", str(ckpts), "--kill", "train:8"]
+    run = run_train(mnist_dir, tmp_path / "root", out, args)
+    assert run.returncode == 0, run.output[-3000:]
+    assert not out.exists(), "the script went on after the SIGTERM"
+    assert _temp_files(ckpts) == []
+    assert _only_committed_step(ckpts) == 3
+    store = CheckpointStore(str(ckpts))
+    marker = store.read_marker(PREEMPTED_MARKER)
+    assert marker is not None, run.output[-3000:]
+    assert marker["step"] == 3 and marker["left_at"] == 9, marker
+    assert marker["checkpoint"] == store.committed()[0].name
+    assert "ENOSPC" in marker["save_error"]
+    said = [line for line in run.output.splitlines() if "stays the resume point" in line]
+    assert len(said) == 1 and "ENOSPC" in said[0] and "6 steps to redo" in said[0], run.output[-3000:]
+
+
+def test_full_disk_at_preemption_without_room_for_the_marker_says_so_in_one_line(
+    small_tmpfs: MountTmpfs, mnist_dir: Path, tmp_path: Path
+) -> None:
+    # Three inodes: the folder itself, then one checkpoint and its commit record. Any further file,
+    # the marker included, is refused with ENOSPC however many bytes are free.
+    disk = small_tmpfs(size="8m", inodes=3)
+    out = tmp_path / "weights.pt"
+    args = [*TRAIN, "--ckpt-dir", str(disk), "--kill", "train:8"]
+    run = run_train(mnist_dir, tmp_path / "root", out, args)
+    assert run.returncode == 1, run.output[-3000:]
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith("lightning_grid: SIGTERM received at step 9"), run.output[-3000:]
+    assert "ENOSPC" in last and "marker" in last and str(disk) in last, last
+    assert "Traceback" not in run.output, run.output[-3000:]
+    assert _only_committed_step(disk) == 3  # still the resume point for a relaunch
+    assert CheckpointStore(str(disk)).read_marker(PREEMPTED_MARKER) is None
+
+
+def test_read_only_checkpoint_folder_fails_at_setup_naming_path_and_cause(
+    read_only_dir: Path, mnist_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "weights.pt"
+    run = run_train(
+        mnist_dir, tmp_path / "root", out, [*TRAIN, "--ckpt-dir", str(read_only_dir), "--announce"]
+    )
+    assert run.returncode != 0
+    assert "STEP " not in run.output, "training started before the folder was checked"
+    last = run.output.strip().splitlines()[-1]
+    assert last.startswith("lightning_grid.errors.StoreUnwritableError: "), run.output[-3000:]
+    assert str(read_only_dir) in last and "read-only file system (EROFS)" in last, last

@@ -1,0 +1,44 @@
+"""A live one-node SLURM for these tests: started by ``.ci/slurm-up.sh`` if CI has not already.
+
+The tests share one node with two CPUs and preempt whatever runs in the spot partition, so they
+run one at a time, across pytest-xdist workers too (a file lock), and skip with the reason where
+SLURM cannot be started (not root, no Debian).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+UP = REPO / ".ci" / "slurm-up.sh"
+_LOCK = Path("/tmp/lightning-grid-slurm-tests.lock")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    if shutil.which("sinfo") is not None:
+        probe = subprocess.run(["sinfo", "-h", "-p", "spotshort"], capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip():
+            return
+    up = subprocess.run(["bash", str(UP)], capture_output=True, text=True, timeout=300)
+    if up.returncode == 3:
+        pytest.skip(f"no live SLURM: {up.stderr.strip()}")
+    assert up.returncode == 0, f"{UP} failed: {up.stderr[-2000:]}"
+
+
+@pytest.fixture
+def slurm(slurm_cluster: None) -> Iterator[None]:
+    """One SLURM test at a time on this machine; nothing of ours left queued afterwards."""
+    with open(_LOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            subprocess.run(["scancel", "--partition=high"], capture_output=True)

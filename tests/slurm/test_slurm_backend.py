@@ -1,0 +1,301 @@
+"""``lightning-grid run --backend slurm`` against a live SLURM: real sbatch, real preemption, real requeue.
+
+A "high-priority job" is a ``sleep`` in the ``high`` partition that asks for every CPU of the one
+node: SLURM preempts (requeues) whatever runs in ``spot``/``spotshort`` to make room. The artifact
+store is a folder of its own, never the job's working directory (node-local scratch under /tmp).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import TRAIN, assert_bit_identical, grid, grid_status
+
+pytestmark = pytest.mark.usefixtures("slurm")
+
+COUNTER = """
+import os, signal, sys, time
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+done = int(open("progress.txt").read()) if os.path.exists("progress.txt") else 0
+print(f"attempt {os.environ.get('LIGHTNING_GRID_ATTEMPT')} starts at {done}", flush=True)
+while done < int(sys.argv[1]):
+    time.sleep(0.2)
+    done += 1
+    open("progress.txt", "w").write(str(done))
+    if stop:
+        print(f"saved at {done}", flush=True)
+        sys.exit(0)
+print("finished", done, flush=True)
+"""
+
+
+def _wait(what: str, check: Callable[[], object], timeout: float = 120, every: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _log_has(home: Path, name: str, attempt: int, text: str) -> bool:
+    path = home / "runs" / name / f"attempt-{attempt}.log"
+    return path.exists() and text in path.read_text(errors="replace")
+
+
+def _preempt() -> float:
+    """Submit a high-priority job that needs the whole node; returns when it was submitted."""
+    cpus = os.cpu_count() or 1
+    submitted = time.time()
+    subprocess.run(
+        ["sbatch", "-p", "high", "-c", str(cpus), "-o", "/dev/null", "--wrap", "sleep 1"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return submitted
+
+
+def _job(home: Path, name: str) -> str:
+    info = grid_status(home, name)
+    return next(e["data"]["slurm_job_id"] for e in info["events"] if e["data"].get("slurm_job_id"))
+
+
+def _queued(job: str) -> str:
+    """The job's line in squeue ('' when nothing of it is queued or running)."""
+    return subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+
+
+def _run_detached(home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    proc = grid(home, "run", "--backend", "slurm", "--detach", *argv, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _final(home: Path, name: str, timeout: float = 240) -> dict:
+    return _wait(  # type: ignore[return-value]
+        f"{name} to end",
+        lambda: (lambda i: i if i["status"] in ("succeeded", "failed", "stopped") else None)(
+            grid_status(home, name)
+        ),
+        timeout=timeout,
+        every=1.0,
+    )
+
+
+def _project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text(TRAIN.read_text())
+    return project / "train.py"
+
+
+@pytest.mark.slow
+def test_two_preemptions_by_high_priority_jobs_end_bit_identical(
+    tmp_path: Path, mnist_dir: Path, reference
+) -> None:
+    home, store = tmp_path / "home", tmp_path / "store"
+    options = ["--aug", "--dropout", "0.2", "--max-steps", "24", "--step-sleep", "0.3"]
+    expected = reference.get(options)
+    args = [
+        "--mode",
+        "env",
+        "--data-dir",
+        str(mnist_dir),
+        "--root",
+        "run",
+        "--out",
+        "w.pt",
+        "--announce",
+        *options,
+    ]
+    _run_detached(
+        home, "--partition", "spot", "--use_spot", "--resumable", "--name", "mnist", "--artifacts", str(store),
+        str(_project(tmp_path)), *args,
+    )  # fmt: skip
+    timings: dict[str, list[float]] = {"submit_to_exit_s": [], "requeue_to_step_s": []}
+    for attempt in (1, 2):
+        _wait(
+            f"attempt {attempt} to train", lambda a=attempt: _log_has(home, "mnist", a, f"STEP {4 * a + 2}")
+        )
+        submitted = _preempt()
+        _wait(
+            f"attempt {attempt + 1} to start",
+            lambda a=attempt: (home / "runs" / "mnist" / f"attempt-{a + 1}.log").exists(),
+        )
+        _wait(
+            f"attempt {attempt + 1} to train",
+            lambda a=attempt: _log_has(home, "mnist", a + 1, "STEP"),
+            every=0.05,
+        )
+        first_step = time.time()
+        events = grid_status(home, "mnist")["events"]
+        exit_timing = next(e for e in events if e["kind"] == "exit_timing" and e["attempt"] == attempt)
+        notice = next(e for e in events if e["kind"] == "notice" and e["attempt"] == attempt)
+        script_exit = (
+            notice["time"]
+            + exit_timing["data"]["sigterm_after_notice_s"]
+            + exit_timing["data"]["exit_after_sigterm_s"]
+        )
+        requeued = next(e for e in events if e["to"] == "pending" and e["attempt"] == attempt)
+        timings["submit_to_exit_s"].append(round(script_exit - submitted, 2))
+        timings["requeue_to_step_s"].append(round(first_step - requeued["time"], 2))
+    info = _final(home, "mnist")
+    print("SLURM timings:", json.dumps(timings))
+    assert info["status"] == "succeeded" and info["restarts"] == 2, info["reason"]
+    assert [a["outcome"] for a in info["attempts"]] == ["preempted", "preempted", "succeeded"]
+    assert all(a["checkpoint_step"] for a in info["attempts"][:2])
+    notices = [e for e in info["events"] if e["kind"] == "notice"]
+    assert [n["data"]["source"] for n in notices] == ["slurm", "slurm"]
+    assert all(0 < n["data"]["window_s"] <= 20 for n in notices)  # the spot partition's GraceTime
+    restored = [e["attempt"] for e in info["events"] if e["kind"] == "restored"]
+    assert restored == [1, 2, 3]  # each requeued run restored the execution directory (and checkpoints)
+    assert_bit_identical(expected, store / "mnist" / "execdir" / "files" / "w.pt")
+    assert _queued(_job(home, "mnist")) == ""
+
+
+@pytest.mark.slow
+def test_grace_shorter_than_a_save_keeps_the_periodic_checkpoint(
+    tmp_path: Path, mnist_dir: Path, reference
+) -> None:
+    """spotshort's GraceTime (3 s) is shorter than a save (~2.5 s, plus the exit): the window plan
+    says ``keep`` (or ``local``) and the run still ends bit-identical."""
+    home, store = tmp_path / "home", tmp_path / "store"
+    options = ["--aug", "--dropout", "0.2", "--max-steps", "18"]
+    expected = reference.get(options)
+    slow = ["--slow-save", "2.5", "--step-sleep", "0.5", "--announce"]
+    args = ["--mode", "env", "--data-dir", str(mnist_dir), "--root", "run", "--out", "w.pt", *options, *slow]
+    _run_detached(
+        home, "--partition", "spotshort", "--use_spot", "--resumable", "--every-n-train-steps", "6", "--name", "tight",
+        "--artifacts", str(store), str(_project(tmp_path)), *args,
+    )  # fmt: skip
+    _wait("the save at step 6", lambda: _log_has(home, "tight", 1, "STEP 8"))
+    _preempt()
+    info = _final(home, "tight")
+    assert info["status"] == "succeeded", info["reason"]
+    first = info["attempts"][0]
+    assert first["outcome"] == "preempted"
+    plans = [e["data"]["plan"] for e in info["events"] if e["kind"] == "plan"]
+    assert plans and plans[0] in ("keep", "local"), plans
+    assert_bit_identical(expected, store / "tight" / "execdir" / "files" / "w.pt")
+
+
+@pytest.mark.slow
+def test_a_job_killed_without_grace_resumes_from_the_periodic_checkpoint(
+    tmp_path: Path, mnist_dir: Path, reference
+) -> None:
+    home, store = tmp_path / "home", tmp_path / "store"
+    options = ["--aug", "--dropout", "0.2", "--max-steps", "16", "--step-sleep", "0.2"]
+    expected = reference.get(options)
+    args = [
+        "--mode",
+        "env",
+        "--data-dir",
+        str(mnist_dir),
+        "--root",
+        "run",
+        "--out",
+        "w.pt",
+        "--announce",
+        *options,
+    ]
+    _run_detached(
+        home, "--partition", "spot", "--use_spot", "--resumable", "--every-n-train-steps", "4", "--name", "hard",
+        "--artifacts", str(store), str(_project(tmp_path)), *args,
+    )  # fmt: skip
+    _wait("a periodic save", lambda: _log_has(home, "hard", 1, "STEP 7"))
+    # What a dead node does: the agent and its script vanish at once, with no signal to act on
+    # (``scancel --signal=KILL`` does not: SLURM then SIGTERMs the agent's step before killing it).
+    victims = [
+        p for p in psutil.process_iter(["cmdline", "environ"])
+        if (p.info["environ"] or {}).get("LIGHTNING_GRID_EXPERIMENT") == "hard"
+        or ("agent" in (p.info["cmdline"] or []) and "hard" in (p.info["cmdline"] or []))
+    ]  # fmt: skip
+    assert len(victims) >= 2
+    for victim in victims:
+        victim.kill()
+    info = _final(home, "hard")
+    assert info["status"] == "succeeded", info["reason"]
+    assert [a["outcome"] for a in info["attempts"]] == ["killed", "succeeded"]
+    assert info["restarts"] == 1 and info["bill"]["steps_redone"] is None
+    assert_bit_identical(expected, store / "hard" / "execdir" / "files" / "w.pt")
+
+
+def test_a_crashing_script_uses_its_retries_then_fails_and_leaves_nothing_queued(tmp_path: Path) -> None:
+    home, project = tmp_path / "home", tmp_path / "p"
+    project.mkdir()
+    (project / "crash.py").write_text("import sys\nprint('boom', flush=True)\nsys.exit(1)\n")
+    _run_detached(
+        home, "--partition", "spot", "--retries", "1", "--retry-delay", "1", "--name", "crash",
+        "--artifacts", str(tmp_path / "store"), str(project / "crash.py"),
+    )  # fmt: skip
+    info = _final(home, "crash")
+    assert info["status"] == "failed" and info["failures"] == 1
+    assert [a["outcome"] for a in info["attempts"]] == ["failed", "failed"]
+    assert "boom" in info["attempts"][0]["reason"]
+    assert _queued(_job(home, "crash")) == ""
+
+
+def test_stop_saves_in_order_and_cancels_the_job(tmp_path: Path) -> None:
+    home, project = tmp_path / "home", tmp_path / "p"
+    project.mkdir()
+    (project / "count.py").write_text(COUNTER)
+    _run_detached(
+        home, "--partition", "spot", "--use_spot", "--resumable", "--name", "long",
+        "--artifacts", str(tmp_path / "store"), str(project / "count.py"), "1000",
+    )  # fmt: skip
+    _wait("the script to start", lambda: _log_has(home, "long", 1, "starts at"))
+    proc = grid(home, "stop", "long", timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "long: stopped", proc.stderr
+    info = grid_status(home, "long")
+    assert info["status"] == "stopped"
+    assert _log_has(home, "long", 1, "saved at")  # the script got its SIGTERM and saved
+    assert _queued(_job(home, "long")) == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "code"),
+    [
+        (["--partition", "nosuch"], "unknown SLURM partition 'nosuch'", 2),
+        (["--partition", "spot", "--gres", "gpu:1"], "error: ", 2),
+        (["--nodes", "2"], "single-node jobs for now", 2),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(
+    tmp_path: Path, argv: list[str], message: str, code: int
+) -> None:
+    home, script = tmp_path / "home", tmp_path / "s.py"
+    script.write_text("print(1)\n")
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    proc = grid(home, "run", "--backend", "slurm", *argv, str(script), timeout=60)
+    assert proc.returncode == code and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (home / "registry.db").exists() and not (home / "runs").exists()
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+
+
+def test_options_of_slurm_need_the_slurm_backend(tmp_path: Path) -> None:
+    proc = grid(tmp_path / "home", "run", "--partition", "spot", str(tmp_path / "x.py"))
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --partition needs --backend slurm"
+
+
+def test_slurmctld_unreachable_is_one_line_exit_1(tmp_path: Path) -> None:
+    conf = tmp_path / "slurm.conf"
+    text = Path("/etc/slurm/slurm.conf").read_text()
+    conf.write_text(text + "\nSlurmctldPort=1\nMessageTimeout=2\n")
+    script = tmp_path / "s.py"
+    script.write_text("print(1)\n")
+    proc = grid(
+        tmp_path / "home", "run", "--backend", "slurm", str(script), timeout=120, SLURM_CONF=str(conf)
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "slurm" in proc.stderr.lower()
+    assert not (tmp_path / "home" / "runs").exists()
