@@ -92,7 +92,7 @@ def test_run_and_agent_options_are_the_spec_options() -> None:
     run, agent = cli.commands["run"], cli.commands["agent"]
     assert _check_generated(run, options(), {}) == {"resume", "detach", "no_echo", "script", "script_args"}
     agent_only = _check_generated(agent, options(for_agent=True), {"cloud": "auto"})
-    assert agent_only == {"artifacts", "name", "workdir", "command"}
+    assert agent_only == {"artifacts", "name", "workdir", "log_dir", "command"}
 
 
 def test_a_new_spec_field_becomes_an_option_without_a_cli_edit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,6 +94,7 @@ def test_store_down_at_the_preemption_then_back(tmp_path: Path, mnist_dir: Path,
             AWS_SECRET_ACCESS_KEY="testing",
             AWS_DEFAULT_REGION="us-east-1",
             TMPDIR=str(tmp_path / "tmp"),  # the machine's private spool lives under it
+            AWS_MAX_ATTEMPTS="1",  # botocore gives up at once; our own retries remain
         )
         (tmp_path / "tmp").mkdir()
         subprocess.run(

@@ -157,8 +157,10 @@ def test_unreachable_remote_store_keeps_local_copy_and_says_where(tmp_path: Path
         store.save({"w": torch.ones(4)}, step=3)
     message = str(info.value)
     assert "after 2 tries" in message and str(tmp_path / "spool") in message
-    kept = list((tmp_path / "spool").iterdir())
+    # one folder per store URL, with the payload and its commit record (for the next run to upload)
+    kept = [p for p in (tmp_path / "spool").rglob("*.ckpt")]
     assert len(kept) == 1 and torch.load(kept[0])["w"].sum() == 4
+    assert kept[0].with_name(kept[0].name + ".commit.json").exists()
 
 
 def test_unknown_scheme_is_a_store_error() -> None:

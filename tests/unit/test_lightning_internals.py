@@ -128,3 +128,45 @@ def test_logger_attributes_used_for_reopening(tmp_path) -> None:
     assert hasattr(csv_logger.experiment, "metrics_keys")
     assert _lightning.reopen_logger(csv_logger, 7, last_step=0)
     assert csv_logger.version == 7 and os.path.isdir(csv_logger.log_dir)
+
+
+def test_the_prefetching_fetcher_and_the_loader_state_hook() -> None:
+    """(a) A stateful loader's position is taken from our snapshots through ``CombinedLoader._state_dicts``
+    (what Lightning stores of loaders with ``state_dict``), with the batches the fetcher prefetched
+    (``fit_loop._data_fetcher.batches``) subtracted."""
+    from lightning.fabric.utilities.types import _Stateful
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+    assert callable(CombinedLoader._state_dicts) and isinstance(CombinedLoader.flattened, property)
+    assert _Stateful is not None
+    seen: list[tuple[bool, int]] = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            fetcher = trainer.fit_loop._data_fetcher
+            seen.append((hasattr(fetcher, "batches"), _lightning._prefetched(trainer)))
+
+    trainer = pl.Trainer(
+        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Probe()]
+    )
+    trainer.fit(Tiny(), _loader())
+    assert seen and all(has for has, _ in seen)
+    assert all(isinstance(n, int) and 0 <= n <= 2 for _, n in seen)
+
+
+def test_lightning_cli_save_config_callback_has_what_we_patch() -> None:
+    """(g) The attributes our SaveConfigCallback.setup wrapper reads, and its setup signature."""
+    import inspect
+
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    assert list(inspect.signature(SaveConfigCallback.setup).parameters) == [
+        "self",
+        "trainer",
+        "pl_module",
+        "stage",
+    ]
+    init = inspect.signature(SaveConfigCallback.__init__).parameters
+    assert {"parser", "config", "config_filename", "overwrite", "save_to_log_dir"} <= set(init)
+    source = inspect.getsource(SaveConfigCallback)
+    assert "self.already_saved" in source and "self.overwrite" in source
