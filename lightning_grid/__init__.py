@@ -9,12 +9,12 @@ imports it in every training process of a user who has us installed, on any OS. 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from lightning_grid._lazy import lazy_exports
 from lightning_grid.errors import LightningGridError
 
 if TYPE_CHECKING:
@@ -49,17 +49,13 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_grid' has no attribute {name!r}")
-    if name == "Experiment":
-        from lightning_grid.launcher import require_supported_platform
+def _platform_check() -> None:
+    from lightning_grid.launcher import require_supported_platform
 
-        require_supported_platform()  # one clear line instead of a missing fcntl deep in the engine
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    require_supported_platform()  # one clear line instead of a missing fcntl deep in the engine
+
+
+__getattr__ = lazy_exports(__name__, _LAZY, globals(), before={"Experiment": _platform_check})
 
 
 def __dir__() -> list[str]:

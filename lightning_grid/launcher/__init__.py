@@ -8,10 +8,10 @@ submodule (``Status``, for instance) does not start the engine.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
+from lightning_grid._lazy import lazy_exports
 from lightning_grid.errors import UsageError
 
 if TYPE_CHECKING:
@@ -71,10 +71,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_grid.launcher' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY, globals())

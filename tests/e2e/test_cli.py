@@ -159,6 +159,9 @@ def test_a_mistyped_option_is_clicks_error_and_script_arguments_pass_through(
 
 # -- bad input: one line, exit 2, nothing written ------------------------------------------------------
 HUGE = "100000000000000000000"
+# The agent's required options, before the option under test.
+AGENT = ["agent", "--artifacts", "{store}", "--name", "x", "--workdir", "{wd}"]
+
 BAD_INPUT = [
     # run: every Spec option
     (["run", "--grace_perod", "5", "{script}"], "No such option"),
@@ -219,102 +222,12 @@ BAD_INPUT = [
     (["agent", "--artifacts", "{store}", "--name", "x", "--workdir", "{wd}"], "give the command to run"),
     (["agent", "--artifacts", "", "--name", "x", "--workdir", "{wd}", "--", "{py}"], "must not be empty"),
     (["agent", "--artifacts", "{store}", "--name", "x", "--workdir", "", "--", "{py}"], "must not be empty"),
-    (
-        [
-            "agent",
-            "--artifacts",
-            "{store}",
-            "--name",
-            "x",
-            "--workdir",
-            "{wd}",
-            "--grace-period",
-            "nan",
-            "--",
-            "{py}",
-        ],
-        "finite",
-    ),  # fmt: skip
-    (
-        [
-            "agent",
-            "--artifacts",
-            "{store}",
-            "--name",
-            "x",
-            "--workdir",
-            "{wd}",
-            "--retries",
-            HUGE,
-            "--",
-            "{py}",
-        ],
-        "out of range",
-    ),  # fmt: skip
-    (
-        [
-            "agent",
-            "--artifacts",
-            "{store}",
-            "--name",
-            "x",
-            "--workdir",
-            "{wd}",
-            "--cloud",
-            "mars",
-            "--",
-            "{py}",
-        ],
-        "'mars'",
-    ),  # fmt: skip
-    (
-        [
-            "agent",
-            "--artifacts",
-            "{store}",
-            "--name",
-            "x",
-            "--workdir",
-            "{wd}",
-            "--every-n-seconds",
-            "inf",
-            "--",
-            "{py}",
-        ],
-        "finite",
-    ),  # fmt: skip
-    (
-        [
-            "agent",
-            "--artifacts",
-            "{store}",
-            "--name",
-            "x",
-            "--workdir",
-            "{wd}",
-            "--simulate-preemptions",
-            "x",
-            "--",
-            "{py}",
-        ],
-        "seconds",
-    ),  # fmt: skip
-    (
-        [
-            "agent",
-            "--artifacts",
-            "{store}",
-            "--name",
-            "x",
-            "--workdir",
-            "{wd}",
-            "--instance-type",
-            "p9.huge",
-            "--",
-            "{py}",
-        ],
-        "p9.huge",
-    ),  # fmt: skip
+    ([*AGENT, "--grace-period", "nan", "--", "{py}"], "finite"),
+    ([*AGENT, "--retries", HUGE, "--", "{py}"], "out of range"),
+    ([*AGENT, "--cloud", "mars", "--", "{py}"], "'mars'"),
+    ([*AGENT, "--every-n-seconds", "inf", "--", "{py}"], "finite"),
+    ([*AGENT, "--simulate-preemptions", "x", "--", "{py}"], "seconds"),
+    ([*AGENT, "--instance-type", "p9.huge", "--", "{py}"], "p9.huge"),
     (
         ["agent", "--artifacts", "{store}", "--name", "x", "--workdir", "{wd}", "--use-spot", "--", "{py}"],
         "No such option",
