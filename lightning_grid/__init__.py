@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lightning_grid._lazy import lazy_exports
 from lightning_grid.errors import LightningGridError

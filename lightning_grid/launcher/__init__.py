@@ -9,7 +9,7 @@ submodule (``Status``, for instance) does not start the engine.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lightning_grid._lazy import lazy_exports
 from lightning_grid.errors import UsageError

@@ -6,7 +6,7 @@ process that is not resuming.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lightning_grid._lazy import lazy_exports
 
