@@ -38,7 +38,7 @@ from lightning_grid.errors import LightningGridError, StoreError, UsageError
 from lightning_grid.launcher.events import Event, Kind, StoreEventLog
 from lightning_grid.launcher.experiment import Status, can_transition
 from lightning_grid.launcher.registry import ExperimentRow
-from lightning_grid.launcher.spec import Spec
+from lightning_grid.launcher.spec import Spec, options
 
 if TYPE_CHECKING:
     from lightning_grid.launcher.engine import Engine
@@ -163,25 +163,24 @@ def _sbatch_options(spec: Spec, name: str, output: str) -> list[str]:
 
 
 def _agent_argv(row: ExperimentRow, home: str, workdir: str) -> list[str]:
+    """The agent's command line on the node. Every agent option of the spec is passed on as it
+    was submitted (derived from :func:`spec.options`, so a new option needs no edit here)."""
     spec = row.spec
-    python = sys.executable
     argv = [
-        python, "-m", "lightning_grid.cli", "agent", "--backend", "slurm", "--cloud", "none",
-        "--artifacts", str(spec.artifacts), "--name", row.name, "--workdir", workdir,
-        "--log-dir", os.path.join(home, "runs", row.name),
-        "--max-restarts", str(spec.max_restarts), "--retries", str(spec.retries),
-        "--retry-delay", repr(spec.retry_delay), "--grace-period", repr(spec.grace_period),
-        "--instance-type", spec.instance_type,
+        sys.executable, "-m", "lightning_grid.cli", "agent", "--artifacts", str(spec.artifacts),
+        "--name", row.name, "--workdir", workdir, "--log-dir", os.path.join(home, "runs", row.name),
     ]  # fmt: skip
-    if spec.resumable:
-        argv.append("--resumable")
-    if spec.every_n_train_steps:
-        argv += ["--every-n-train-steps", str(spec.every_n_train_steps)]
-    if spec.every_n_seconds:
-        argv += ["--every-n-seconds", repr(spec.every_n_seconds)]
-    if spec.simulate_preemptions:
-        argv += ["--simulate-preemptions", ",".join(repr(s) for s in spec.simulate_preemptions)]
-    return [*argv, "--", python, spec.script, *spec.args]
+    fixed = {"backend": "slurm", "cloud": "none"}  # SLURM's own signal is the notice
+    for info in options(for_agent=True):
+        value = fixed.get(info.name, getattr(spec, info.name))
+        flag = info.flags[-1]
+        if info.is_flag:
+            argv += [flag] if value else []
+        elif info.name == "simulate_preemptions":
+            argv += [flag, ",".join(repr(v) for v in value)] if value else []
+        elif value is not None:
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return [*argv, "--", sys.executable, spec.script, *spec.args]
 
 
 def batch_script(row: ExperimentRow, home: str) -> str:
