@@ -13,6 +13,7 @@ import fcntl
 import functools
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -94,6 +95,8 @@ class Engine:
             raise UsageError(f"script not found: {spec.script}")
         if os.path.isdir(script):
             raise UsageError(f"{spec.script} is a directory; give the script to run")
+        if spec.python and spec.backend == "local" and shutil.which(spec.python) is None:
+            raise UsageError(f"--python {spec.python}: no such interpreter on this machine")
         instance = instances.lookup(spec.instance_type)
         if spec.backend == "slurm":
             slurm.precheck(spec)  # SLURM's own word on the request, before anything is written
@@ -308,7 +311,7 @@ class Engine:
             setup = attempt.AttemptSetup(
                 number=number,
                 spec=spec,
-                command=spec.command(sys.executable),
+                command=spec.command(spec.python or sys.executable),
                 workdir=self._attempt_dir(name, number),
                 layout=row.layout,
                 log_path=os.path.join(self._run_dir(name), f"attempt-{number}.log"),

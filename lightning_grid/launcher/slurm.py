@@ -180,7 +180,7 @@ def _agent_argv(row: ExperimentRow, home: str, workdir: str) -> list[str]:
             argv += [flag, ",".join(repr(v) for v in value)] if value else []
         elif value is not None:
             argv += [flag, repr(value) if isinstance(value, float) else str(value)]
-    return [*argv, "--", sys.executable, spec.script, *spec.args]
+    return [*argv, "--", spec.python or sys.executable, spec.script, *spec.args]
 
 
 def batch_script(row: ExperimentRow, home: str) -> str:

@@ -76,6 +76,9 @@ class Spec:
         agent=True,
         minimum=0.0,
     )
+    python: str | None = _opt(
+        None, "The Python that runs SCRIPT (a conda env's, say). Default: the launcher's own.", metavar="PATH"
+    )
     artifacts: str | None = _opt(
         None, "fsspec URL of the artifact store. Default: under LIGHTNING_GRID_HOME.", metavar="URL"
     )

@@ -457,3 +457,21 @@ def test_periodic_saves_for_a_script_that_never_imports_us(
     }
     assert reasons == {"periodic", "final"}  # periodic saves, then the final one when training ended
     assert_bit_identical(expected, home / "artifacts" / "hard" / "execdir" / "files" / "weights.pt")
+
+
+def test_python_option_chooses_the_interpreter(tmp_path: Path, home: Path) -> None:
+    """``--python`` runs the script with another interpreter (a conda env's, say); one that does not
+    exist is refused at submit, in one line, with nothing written."""
+    wrapper = tmp_path / "bin" / "mypython"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "wrapped interpreter"\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    script = _script(tmp_path / "p", "hello.py", "import sys\nprint('hello from', sys.argv[1:])\n")
+    proc = _launch(home, "run", "--python", str(wrapper), "--name", "py", str(script), "a", "b")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrapped interpreter" in proc.stdout and "hello from ['a', 'b']" in proc.stdout
+    assert _status(home, "py")["spec"]["python"] == str(wrapper)
+    bad = _launch(home, "run", "--python", str(tmp_path / "nope"), "--name", "py2", str(script))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: --python {tmp_path / 'nope'}: no such interpreter on this machine"
+    ]
