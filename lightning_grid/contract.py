@@ -20,6 +20,7 @@ __all__ = [
     "ENV_NOTICE",
     "ENV_EVERY_N_TRAIN_STEPS",
     "ENV_EVERY_N_SECONDS",
+    "ENV_PROGRESS",
     "Contract",
     "default_home",
 ]
@@ -41,6 +42,10 @@ ENV_NOTICE = "LIGHTNING_GRID_NOTICE"
 #: save has a recent checkpoint to keep.
 ENV_EVERY_N_TRAIN_STEPS = "LIGHTNING_GRID_EVERY_N_TRAIN_STEPS"
 ENV_EVERY_N_SECONDS = "LIGHTNING_GRID_EVERY_N_SECONDS"
+#: Path of a small file where the training process notes, at every batch end, the step it has
+#: reached: after a SIGKILL the launcher compares it with the newest committed checkpoint to bill
+#: the steps that will be trained again.
+ENV_PROGRESS = "LIGHTNING_GRID_PROGRESS"
 #: Root of lightning-grid's persistent state (registry, default artifact store).
 ENV_HOME = "LIGHTNING_GRID_HOME"
 
@@ -63,6 +68,7 @@ class Contract:
     notice_file: str | None = None
     every_n_train_steps: int | None = None
     every_n_seconds: float | None = None
+    progress_file: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Contract:
@@ -80,6 +86,7 @@ class Contract:
             notice_file=env.get(ENV_NOTICE) or None,
             every_n_train_steps=_positive(env.get(ENV_EVERY_N_TRAIN_STEPS), int),
             every_n_seconds=_positive(env.get(ENV_EVERY_N_SECONDS), float),
+            progress_file=env.get(ENV_PROGRESS) or None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -95,6 +102,8 @@ class Contract:
             env[ENV_EVERY_N_TRAIN_STEPS] = str(self.every_n_train_steps)
         if self.every_n_seconds:
             env[ENV_EVERY_N_SECONDS] = repr(self.every_n_seconds)
+        if self.progress_file:
+            env[ENV_PROGRESS] = self.progress_file
         return env
 
 

@@ -114,6 +114,7 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
         notice_file=window.notice_path,
         every_n_train_steps=spec.every_n_train_steps,
         every_n_seconds=spec.every_n_seconds,
+        progress_file=os.path.join(setup.private_dir, f"progress-{setup.number}.json"),
     )
     plans: list[str] = []
 
@@ -166,7 +167,9 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
         last = _last_line(setup.log_path)
         reason = f"{reason}: {last}" if last else reason  # the script's own last word names the cause
     redone = steps_redone(outcome, marker)
-    if lost and outcome is not Outcome.KILLED:
+    if redone is None and outcome in (Outcome.KILLED, Outcome.FAILED):
+        redone = _past_newest_checkpoint(contract.progress_file, store)
+    if lost:
         redone = lost + (redone or 0)
     if result.exit_after_sigterm_s is not None:
         used = ""
@@ -217,6 +220,19 @@ def _markers(store: CheckpointStore, observer: Observer) -> tuple[dict[str, Any]
     except Exception as exc:  # any backend's failure
         observer.emit(Kind.WARNING, f"cannot read the markers in {store.url}: {_one_line(exc)}")
         return None, False
+
+
+def _past_newest_checkpoint(progress_file: str | None, store: CheckpointStore) -> int | None:
+    """After a SIGKILL or a crash: how far training got (the script's progress note) past the
+    newest committed checkpoint, which is where the next attempt resumes. None: unknown (the
+    script never noted progress, e.g. it does not use Resumable)."""
+    try:
+        with open(progress_file or "") as handle:
+            reached = int(handle.read().strip())
+        newest = next(iter(store.committed()), None)
+    except Exception:  # no note, a torn one, or a store that does not answer: unknown
+        return None
+    return max(0, reached - (newest.step if newest is not None else 0))
 
 
 def _lost_steps(setup: AttemptSetup, store: CheckpointStore, observer: Observer) -> int:

@@ -90,10 +90,10 @@ def describe(registry: Registry, name: str) -> dict[str, Any]:
             "seconds_saving_after_notice": round(saving, 3),
             "seconds_restoring": round(restoring, 3),
             # An orderly preemption checkpoints the step in flight: nothing is redone, unless no save
-            # fitted the notice's window. After a SIGKILL the launcher cannot know how far the
-            # script got past its last periodic checkpoint.
+            # fitted the notice's window. After a SIGKILL, Resumable's progress note says how far
+            # the script got past its newest checkpoint; without one (no Resumable): unknown.
             "steps_redone": None
-            if any(a.outcome == "killed" for a in attempts)
+            if any(a.outcome == "killed" and a.steps_redone is None for a in attempts)
             else sum(a.steps_redone or 0 for a in attempts),
             "cost_usd": round(hours * price, 4),
             "cost_on_demand_usd": round(hours * instance.on_demand, 4),

@@ -225,6 +225,8 @@ class Resumable(Callback):
         self._last_save_time = time.monotonic()
         self._warned_loaders: set[int] = set()
         self._restore_limits: Any = None
+        self._progress_path = Contract.from_env().progress_file
+        self._progress_fd: int | None = None
         # A LightningCLI script refuses to start where its config file exists: a resumed run is the
         # same run. Patched only once LightningCLI is imported, only for trainers that can resume.
         _lightning.tolerate_same_cli_config(_may_resume)
@@ -487,6 +489,7 @@ class Resumable(Callback):
     ) -> None:
         if not self._active:
             return
+        self._note_progress(trainer)
         if self._writer is not None and not self._writer.is_alive():
             self._reap_writer()
         if (
@@ -516,6 +519,19 @@ class Resumable(Callback):
             self._exit_after_commit = True
         elif not busy:
             self._save(trainer, batch_idx + 1, reason="periodic", copy_tensors=True)
+
+    def _note_progress(self, trainer: pl.Trainer) -> None:
+        """Under the launcher, at every batch end: the step reached, so that after a SIGKILL the
+        steps past the newest checkpoint are billed as redone. One small write at a fixed offset
+        (no rename, no fsync: a single system call), best effort, never in the way."""
+        if self._progress_path is None or not trainer.is_global_zero:
+            return
+        try:
+            if self._progress_fd is None:
+                self._progress_fd = os.open(self._progress_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.pwrite(self._progress_fd, f"{trainer.global_step:>20d}\n".encode(), 0)
+        except OSError:
+            self._progress_path = None  # a launcher's private folder that went away: stop trying
 
     def _shutdown_plan(self) -> ShutdownNotice:
         """What the launcher said fits the notice's window (a full save when nobody said anything,

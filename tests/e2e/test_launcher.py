@@ -451,7 +451,13 @@ def test_periodic_saves_for_a_script_that_never_imports_us(
     info = _status(home, "hard")
     assert [a["exit_code"] for a in info["attempts"]] == [-9, 0]
     log = (home / "runs" / "hard" / "attempt-2.log").read_text()
-    assert re.search(r"resuming from .* \(step ([4-9]), periodic\)", log), log[-2000:]
+    resumed = re.search(r"resuming from .* \(step ([4-9]), periodic\)", log)
+    assert resumed, log[-2000:]
+    # The bill counts what the SIGKILL cost: the steps past the periodic checkpoint resumed from
+    # (Resumable's progress note says how far attempt 1 got: the kill came at step 10).
+    redone = info["attempts"][0]["steps_redone"]
+    assert redone is not None and int(resumed.group(1)) + redone == 10, (resumed.group(0), redone)
+    assert info["bill"]["steps_redone"] == redone
     reasons = {
         r.reason for r in CheckpointStore(str(home / "artifacts" / "hard" / "checkpoints")).committed()
     }
