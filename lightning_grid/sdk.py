@@ -46,17 +46,23 @@ class Experiment:
             )
         if "simulate_preemptions" in options:
             options["simulate_preemptions"] = parse_simulation(options["simulate_preemptions"])
+        if isinstance(args, str):  # tuple("--lr 1") would be its characters
+            raise UsageError(f"args must be a list of strings, got {args!r}")
         self._engine = Engine(home=home, echo=echo)
         self._spec = Spec(script=script, args=tuple(args), **options).validated()
         self.name: str | None = self._spec.name
+        self._submitted = False
 
     def submit(self) -> Experiment:
         row = self._engine.submit(self._spec)
         self.name = row.name
+        self._submitted = True
         return self
 
     def run(self) -> Status:
-        if self.name is None or not self._engine.registry.exists(self.name):
+        """Submit (once: an existing experiment of the same name is an error, never silently
+        another's) and supervise until it ends or is left pending."""
+        if not self._submitted:
             self.submit()
         assert self.name is not None
         return self._engine.run(self.name).status

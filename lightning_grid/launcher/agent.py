@@ -68,9 +68,17 @@ class _StoreObserver:
         self._stopped = False
 
     def emit(self, kind: Kind, message: str, **data: Any) -> None:
-        self.events.emit(Event(kind.value, message, attempt=self.number, data={"host": self.host, **data}))
+        self._write(Event(kind.value, message, attempt=self.number, data={"host": self.host, **data}))
         if kind in (Kind.NOTICE, Kind.SYNC_FAILED, Kind.WARNING):
             print(f"lightning-grid agent: {message}", file=sys.stderr, flush=True)
+
+    def _write(self, event: Event) -> None:
+        """Best effort once the script runs: a store that fails now must neither stop a healthy
+        script nor turn its end into "nothing ran" (the attempt still ends and is decided)."""
+        try:
+            self.events.emit(event)
+        except StoreError as exc:
+            print(f"lightning-grid agent: an event was not recorded ({exc})", file=sys.stderr, flush=True)
 
     def started(self, pid: int, log_path: str) -> None:
         self.emit(
@@ -78,7 +86,9 @@ class _StoreObserver:
         )
 
     def interrupting(self, notice: Notice, window_s: float) -> None:
-        self.events.emit(
+        if notice.source == "user":  # a stop goes straight to stopped after the attempt, as locally
+            return
+        self._write(
             Event(
                 Kind.TRANSITION.value,
                 f"{notice.reason}; SIGTERM sent",
@@ -202,21 +212,31 @@ def run_agent(agent: AgentSpec) -> int:
             "--backend slurm: this is not a SLURM job (no SLURM_JOB_ID); lightning-grid run submits it"
         )
     # A provisioner's agent is resumable by definition; a SLURM job keeps what the user submitted.
-    forced = {} if slurm_job else {"resumable": True}
-    spec = agent.spec.with_(name=agent.name, artifacts=agent.artifacts, use_spot=True, **forced).validated()
+    forced = {} if slurm_job else {"resumable": True, "use_spot": True}
+    # The script runs in --workdir: a relative store path would move with it.
+    artifacts_url = agent.artifacts if "://" in agent.artifacts else os.path.abspath(agent.artifacts)
+    spec = agent.spec.with_(name=agent.name, artifacts=artifacts_url, **forced).validated()
     workdir = os.path.abspath(agent.workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UsageError(f"--workdir {agent.workdir} is not a directory")
     instance = instances.lookup(spec.instance_type)
     available = instances.gpu_count()
     devices = instances.visible_devices(instance, available, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    layout = StoreLayout.of(agent.artifacts, agent.name)
+    layout = StoreLayout.of(artifacts_url, agent.name)
     events = StoreEventLog(layout)
-    if slurm_job:  # a SLURM job's runs never overlap: an unended attempt before this one was killed
-        settle_unended(
-            events, spec, "the previous run of the job ended without a word from its agent (killed)"
+    try:
+        if slurm_job:  # a SLURM job's runs never overlap: an unended attempt before this one was killed
+            settle_unended(
+                events, spec, "the previous run of the job ended without a word from its agent (killed)"
+            )
+        story = _replay(events.read())
+        if layout.owner() is None:
+            layout.claim(new_id(), agent.name)  # every agent of this experiment shares the store's id
+    except StoreError as exc:  # the store is down: nothing ran, another try may reach it
+        print(
+            f"lightning-grid agent: {exc}; nothing ran: exit {EX_PREEMPTED} (run me again)", file=sys.stderr
         )
-    story = _replay(events.read())
+        return EX_PREEMPTED
     if story.status in (Status.SUCCEEDED.value, Status.FAILED.value, Status.STOPPED.value):
         # A provisioner that starts a finished job again must not pay for it to redo anything.
         print(f"lightning-grid agent: {agent.name} has already ended ({story.status})", file=sys.stderr)
@@ -229,8 +249,6 @@ def run_agent(agent: AgentSpec) -> int:
         os.makedirs(workdir, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot use --workdir {agent.workdir}: {exc.strerror}") from None
-    if layout.owner() is None:
-        layout.claim(new_id(), agent.name)  # every agent of this experiment shares the store's id
     number = story.attempts + 1
     setup = attempt.AttemptSetup(
         number=number,
@@ -238,10 +256,11 @@ def run_agent(agent: AgentSpec) -> int:
         command=command,
         workdir=workdir,
         layout=layout,
-        # The log sits in the execution directory, so it reaches the store with it.
+        # The log sits in the execution directory, so it reaches the store with it (a name with
+        # the private ".lightning_grid-" prefix would never be synced).
         log_path=os.path.join(agent.log_dir, f"attempt-{number}.log")
         if agent.log_dir
-        else os.path.join(workdir, f".lightning_grid-attempt-{number}.log"),
+        else os.path.join(workdir, f"lightning_grid-attempt-{number}.log"),
         # Our own files live in the workdir's .lightning_grid folder, which is never synced.
         private_dir=os.path.join(workdir, ".lightning_grid"),
         devices=devices,
@@ -265,14 +284,23 @@ def run_agent(agent: AgentSpec) -> int:
         print(
             f"lightning-grid agent: {exc}; nothing ran: exit {EX_PREEMPTED} (run me again)", file=sys.stderr
         )
-        return EX_PREEMPTED
-    finally:
         signals.uninstall()
+        return EX_PREEMPTED
+    except BaseException:
+        signals.uninstall()
+        raise
+    # The handlers stay until the decision is written: a second SIGTERM (SLURM's at the end of
+    # GraceTime, a pod's) must not end the agent between the attempt's end and its decision.
     decision = decide(
         report.outcome,
         Budgets(story.restarts, spec.max_restarts, story.failures, spec.retries, spec.retry_delay),
     )
-    _emit_decision(events, number, decision)
+    try:
+        _emit_decision(events, number, decision)
+    except StoreError as exc:  # the attempt is over; the next agent settles it from its story
+        print(f"lightning-grid agent: the decision could not be recorded: {exc}", file=sys.stderr)
+    finally:
+        signals.uninstall()
     if slurm_job and decision.relaunch:
         # SLURM requeues a preempted job by itself, but not one whose script crashed, nor one that
         # finished its save before the end of GraceTime: ask, with the crash retry's backoff.

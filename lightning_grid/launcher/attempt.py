@@ -116,9 +116,20 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
         every_n_seconds=spec.every_n_seconds,
         progress_file=os.path.join(setup.private_dir, f"progress-{setup.number}.json"),
     )
-    plans: list[str] = []
+    plans: list[tuple[str, str]] = []
 
     def on_notice(notice: Notice, window_s: float) -> None:
+        """Before the SIGTERM: only the plan file the script reads (its history read is bounded).
+        A plan that cannot be written leaves the script to its default, a full save."""
+        if spec.resumable:
+            try:
+                plan = window.plan(window_s)
+                plans.append((plan.plan.value, plan.reason))
+            except Exception as exc:  # a full disk, say: the SIGTERM must go out all the same
+                plans.append(("full", f"the plan could not be written ({_one_line(exc)}): saving in full"))
+
+    def on_signalled(notice: Notice, window_s: float) -> None:
+        """Right after the SIGTERM: the story (store writes may be slow; they never delay it)."""
         observer.emit(
             Kind.NOTICE,
             f"notice from {notice.source}: {notice.reason}",
@@ -126,15 +137,8 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
             reason=notice.reason,
             window_s=window_s,
         )
-        if spec.resumable:
-            plan = window.plan(window_s)
-            plans.append(plan.plan.value)
-            observer.emit(
-                Kind.PLAN,
-                f"shutdown plan {plan.plan.value}: {plan.reason}",
-                plan=plan.plan.value,
-                window_s=window_s,
-            )
+        for value, why in plans:
+            observer.emit(Kind.PLAN, f"shutdown plan {value}: {why}", plan=value, window_s=window_s)
         observer.interrupting(notice, window_s)
 
     result = run_attempt(
@@ -147,10 +151,14 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
         stop_requested=observer.stop_requested,
         on_start=lambda pid: observer.started(pid, setup.log_path),
         on_notice=on_notice,
+        on_signalled=on_signalled,
         echo=setup.echo,
     )
     after_exit = time.monotonic()
-    published = window.publish()
+    try:
+        published = window.publish()
+    except Exception as exc:  # the store failed while publishing: the previous checkpoint stays in force
+        published = f"publishing the spooled checkpoint failed: {_one_line(exc)}"
     if published is not None:
         observer.emit(Kind.PUBLISHED, published)
     stragglers = kill_attempt_processes(spec.name, setup.number, layout.checkpoints)
@@ -199,8 +207,8 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
         notice_source=result.notice.source if result.notice else None,
         notice_at=result.notice_at,
         window_s=result.window_s,
-        plan=plans[0] if plans else None,
-        checkpoint_step=int(marker["step"]) if marker else None,
+        plan=plans[0][0] if plans else None,
+        checkpoint_step=int(marker["step"]) if marker and marker.get("step") is not None else None,
         steps_redone=redone,
         sigterm_after_notice_s=result.sigterm_after_notice_s,
         exit_after_sigterm_s=result.exit_after_sigterm_s,
@@ -333,7 +341,7 @@ def conclude(
     outcome = classify(result.exit_code, noticed, result.killed_after_grace, resumable, result.stopped)
     if outcome is Outcome.PREEMPTED:
         redo = steps_redone(outcome, marker)
-        if marker is None:
+        if marker is None or marker.get("step") is None:
             return outcome, "preempted; exited 0 (no checkpoint marker)"
         if redo:
             return outcome, (
@@ -353,6 +361,6 @@ def conclude(
 def steps_redone(outcome: Outcome, marker: dict[str, Any] | None) -> int | None:
     """Steps the next attempt computes again: none after a full save; those since the checkpoint
     kept when no new save fitted the notice's window; unknown after a SIGKILL."""
-    if outcome is not Outcome.PREEMPTED or marker is None:
+    if outcome is not Outcome.PREEMPTED or marker is None or marker.get("step") is None:
         return None
     return max(0, int(marker.get("left_at", marker["step"])) - int(marker["step"]))

@@ -45,7 +45,6 @@ class _RegistryObserver:
 
     def __init__(self, engine: Engine, name: str, number: int) -> None:
         self.engine, self.registry, self.name, self.number = engine, engine.registry, name, number
-        self._next_stop_check = 0.0
 
     def emit(self, kind: Kind, message: str, **data: Any) -> None:
         self.registry.record(
@@ -95,8 +94,11 @@ class Engine:
             raise UsageError(f"script not found: {spec.script}")
         if os.path.isdir(script):
             raise UsageError(f"{spec.script} is a directory; give the script to run")
-        if spec.python and spec.backend == "local" and shutil.which(spec.python) is None:
-            raise UsageError(f"--python {spec.python}: no such interpreter on this machine")
+        if spec.python and spec.backend == "local":
+            found = shutil.which(spec.python)
+            if found is None:
+                raise UsageError(f"--python {spec.python}: no such interpreter on this machine")
+            spec = spec.with_(python=os.path.abspath(found))  # attempts run in another folder
         instance = instances.lookup(spec.instance_type)
         if spec.backend == "slurm":
             slurm.precheck(spec)  # SLURM's own word on the request, before anything is written
@@ -126,7 +128,8 @@ class Engine:
             # leaves nothing half-made (and another experiment's folder untouched).
             fresh = False
             try:
-                fresh = layout.owner() is None
+                fs, base_path = fsspec.core.url_to_fs(layout.base)
+                fresh = not fs.exists(base_path)  # only what this submit created is removed on failure
                 layout.claim(row.id, name)
                 stats = artifacts.upload(row.source_dir, layout.execdir)
             except UsageError:
@@ -172,10 +175,15 @@ class Engine:
         path = os.path.join(folder, f"{name}.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "r+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UsageError(f"experiment {name!r} is being run by another launcher") from None
+            deadline = time.monotonic() + 1.0  # a reader's brief look (``supervised``) is not a launcher
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise UsageError(f"experiment {name!r} is being run by another launcher") from None
+                    time.sleep(0.05)
             try:
                 yield
             except BaseException:
@@ -207,9 +215,16 @@ class Engine:
         self.registry.get(name)  # a clear error for an unknown name, before any file is made
         with self._lock(name):
             row = self.registry.get(name)
+            if row.status is Status.FAILED and row.spec.backend == "slurm":
+                raise UsageError(
+                    f"experiment {name!r} has failed; a failed SLURM experiment cannot be resumed yet:"
+                    " submit it again under another --name"
+                )
             if row.status is Status.FAILED:
                 # The user asks for it, after fixing what failed (space freed, a bug fixed): its
-                # committed checkpoints are still there to continue from.
+                # committed checkpoints are still there to continue from. A stop asked for earlier
+                # is not carried into the new life.
+                self.registry.clear_stop(name)
                 self.registry.transition(name, Status.PENDING, "resumed by the user after it failed")
                 row = self.registry.get(name)
             if row.status.is_terminal():
@@ -220,6 +235,9 @@ class Engine:
                 self._repair(name, "the launcher was killed; its script got SIGTERM")
             else:
                 self._repair(name, "the previous launcher stopped after an attempt ended")
+            row = self.registry.get(name)
+            if row.status.is_terminal():  # the repair's decision ended it (a budget, not resumable)
+                return row
             signals = LauncherSignals()
             signals.install()
             try:
@@ -267,7 +285,7 @@ class Engine:
 
     def _repair(self, name: str, why: str) -> None:
         """A launcher that died left a live status behind an ended attempt: record the interruption
-        as it happened (interrupted, then waiting) so the experiment can continue."""
+        as it happened and apply the same decision as after any attempt (budgets included)."""
         row = self.registry.get(name)
         attempts = self.registry.attempts(name)
         if (
@@ -276,9 +294,29 @@ class Engine:
             or row.status not in (Status.RUNNING, Status.INTERRUPTING)
         ):
             return
-        if row.status is Status.RUNNING:
-            self.registry.transition(name, Status.INTERRUPTING, why)
-        self.registry.transition(name, Status.PENDING, "waiting for a launcher")
+        last = attempts[-1]
+        try:
+            outcome = Outcome(last.outcome)
+        except ValueError:
+            outcome = Outcome.KILLED
+        if outcome is Outcome.KILLED and not row.spec.resumable:
+            outcome = Outcome.INTERRUPTED_NOT_RESUMABLE
+        spec = row.spec
+        decision = decide(
+            outcome, Budgets(row.restarts, spec.max_restarts, row.failures, spec.retries, spec.retry_delay)
+        )
+        interrupted = (Outcome.KILLED, Outcome.PREEMPTED, Outcome.INTERRUPTED_NOT_RESUMABLE)
+        if row.status is Status.RUNNING and outcome in interrupted:
+            self.registry.transition(name, Status.INTERRUPTING, why, attempt=last.number)
+        self.registry.transition(
+            name,
+            decision.status,
+            f"{decision.reason} (attempt {last.number}: {last.reason or outcome.value})",
+            attempt=last.number,
+            restarts=decision.restarts,
+            failures=decision.failures,
+            retry_at=time.time() + decision.delay_s if decision.delay_s else None,
+        )
 
     def _loop(self, name: str, signals: LauncherSignals) -> ExperimentRow:
         spec = self.registry.get(name).spec

@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 #: Columns added to version 1 while it was current: a registry of that age may lack them.
 _V1_ADDED = (
+    ("experiments", "cloud", "TEXT NOT NULL DEFAULT 'none'"),
     ("attempts", "steps_redone", "INTEGER"),
     ("experiments", "every_n_train_steps", "INTEGER"),
     ("experiments", "every_n_seconds", "REAL"),
@@ -243,6 +244,8 @@ class Registry:
             if "malformed" in str(exc) or "not a database" in str(exc):
                 raise RegistryError(_corrupt(self.path)) from None
             raise RegistryError(f"registry {self.path}: {exc}") from None
+        except sqlite3.IntegrityError:
+            raise  # a constraint (a duplicate name): the caller's to explain, not a damaged file
         except sqlite3.DatabaseError:
             raise RegistryError(_corrupt(self.path)) from None
         finally:

@@ -133,6 +133,7 @@ class Spec:
         for f in fields(self):
             value = getattr(self, f.name)
             flag = _flag(f.name)
+            _check_type(f.name, flag, str(f.type), value)
             if isinstance(value, bool) or value is None:
                 continue
             if isinstance(value, (int, float)):
@@ -280,6 +281,32 @@ def parse_simulation(text: str | Sequence[float] | None) -> tuple[float, ...]:
     for value in values:
         _check_number("--simulate-preemptions", value, 0.0)
     return values
+
+
+def _check_type(name: str, flag: str, annotation: str, value: Any) -> None:
+    """The SDK passes Python values: a wrong type is a clear error here, not a TypeError later
+    (``max_restarts="3"``; ``args="--lr 1"``, which would be split into characters)."""
+    kind = annotation.split("|")[0].strip()
+    if value is None and "None" in annotation:
+        return
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }.get(kind)
+    if kind.startswith("tuple["):
+        inner = kind[len("tuple[") :].split(",")[0].strip()
+        items_ok = all(
+            isinstance(v, str) if inner == "str" else isinstance(v, (int, float)) and not isinstance(v, bool)
+            for v in value
+        ) if isinstance(value, tuple) else False  # fmt: skip
+        ok = items_ok
+    if ok is False:
+        what = (
+            "a list of strings" if name == "args" else kind.replace("tuple[float, ...]", "a list of numbers")
+        )
+        raise UsageError(f"{flag if name != 'args' else 'args'} must be {what}, got {value!r}")
 
 
 def _check_number(flag: str, value: float, minimum: float | None, strict: bool = False) -> None:

@@ -100,6 +100,7 @@ def run_attempt(
     on_start: Callable[[int], None],
     on_notice: Callable[[Notice, float], None],
     echo: bool = True,
+    on_signalled: Callable[[Notice, float], None] | None = None,
     poll_s: float = 0.1,
     clock: Callable[[], float] = time.monotonic,
     stop_check_s: float = 1.0,
@@ -109,6 +110,9 @@ def run_attempt(
     an idle launcher then costs a fraction of a percent of a core."""
     started = clock()
     start_offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+    # Where the script's output is echoed: decided before it starts (a stdout without a byte
+    # buffer, as in a notebook, means no echo rather than an unsupervised script).
+    sink = getattr(sys.stdout, "buffer", None) if echo else None
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             list(command),
@@ -120,7 +124,7 @@ def run_attempt(
             start_new_session=True,  # its own process group: one signal reaches the script and its children
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-    follower = _Follower(log_path, start_offset, sys.stdout.buffer) if echo else None
+    follower = _Follower(log_path, start_offset, sink) if sink is not None else None
     if follower is not None:
         follower.start()
     notice: Notice | None = None
@@ -146,9 +150,11 @@ def run_attempt(
                     window = grace_period
                     if notice.deadline is not None:
                         window = max(0.0, min(window, notice.deadline - notice_mono))
-                    on_notice(notice, window)
+                    on_notice(notice, window)  # only what the script must find (the plan file)
                     _signal_group(proc, signal.SIGTERM)
                     sigterm_mono = clock()
+                    if on_signalled is not None:  # the story: never before the SIGTERM
+                        on_signalled(notice, window)
                     deadline = notice_mono + window
             elif deadline is not None and clock() >= deadline and not killed:
                 _signal_group(proc, signal.SIGKILL)

@@ -129,6 +129,12 @@ def test_spec_round_trips_and_tolerates_other_versions() -> None:
         ({"name": "a/b"}, "invalid experiment name"),
         ({"name": ".hidden"}, "invalid experiment name"),
         ({"instance_type": "p3\x00"}, "must not contain a NUL"),
+        # the SDK passes Python values: a wrong type is named, not a TypeError later
+        ({"max_restarts": "3"}, "--max-restarts must be int, got '3'"),
+        ({"args": "--lr 1"}, "args must be a list of strings"),
+        ({"use_spot": 1}, "--use-spot must be bool"),
+        ({"grace_period": True}, "--grace-period must be float"),
+        ({"simulate_preemptions": ("soon",)}, "--simulate-preemptions must be a list of numbers"),
     ],
 )
 def test_spec_validation_names_the_option(changes, message) -> None:
@@ -201,6 +207,19 @@ def test_a_registry_written_by_the_first_schema_is_upgraded_in_place(tmp_path: P
     assert Registry(str(home)).get("old-one") == row
     registry.record("old-one", Kind.WARNING, "hello", attempt=2, x=1)
     assert registry.events("old-one")[-1].data == {"x": 1}
+
+
+def test_a_registry_from_before_the_cloud_column_is_upgraded_too(tmp_path: Path) -> None:
+    """The very first registries had no ``cloud`` column: the upgrade adds it before converting."""
+    home = tmp_path / "home"
+    home.mkdir()
+    db = sqlite3.connect(home / "registry.db")
+    db.executescript((FIXTURES / "registry_v0.sql").read_text())
+    db.execute("ALTER TABLE experiments DROP COLUMN cloud")
+    db.commit()
+    db.close()
+    row = Registry(str(home)).get("old-one")
+    assert row.spec.cloud == "none" and row.status is Status.SUCCEEDED
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "bad_page"])
