@@ -106,7 +106,7 @@ class _StoreObserver:
             return self._stopped
         self._next_stop_check = time.monotonic() + 2.0
         try:
-            self._stopped = any(e.kind == _STOP_KIND for e in self.events.read())
+            self._stopped = any(e.kind == Kind.STOP_REQUESTED.value for e in self.events.read())
         except StoreError:
             pass  # unreadable now: ask again later
         return self._stopped
@@ -125,8 +125,6 @@ class _Story:
     checkpoint_step: int | None = None  # the newest checkpoint an attempt left committed
 
 
-#: The event ``lightning-grid stop`` leaves in the store for a SLURM job's agent (see slurm.py).
-_STOP_KIND = "stop_requested"
 
 
 def settle_unended(events: StoreEventLog, spec: Spec, why: str) -> Decision | None:

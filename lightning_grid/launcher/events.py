@@ -49,6 +49,7 @@ class Kind(str, Enum):
     DECISION = "decision"  # data: status, relaunch, restarts, failures, delay_s
     WARNING = "warning"
     NOTE = "note"
+    STOP_REQUESTED = "stop_requested"  # ``lightning-grid stop`` for an agent that reads the store (SLURM)
 
 
 @dataclass(frozen=True)

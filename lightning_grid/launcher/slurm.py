@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SlurmError",
-    "STOP_KIND",
     "precheck",
     "batch_script",
     "submit",
@@ -57,8 +56,6 @@ __all__ = [
     "requeue",
 ]
 
-#: The event a ``stop`` leaves in the store: the agent polls for it and stops its attempt in order.
-STOP_KIND = "stop_requested"
 #: SLURM states in which the job may still run (or is about to run) again.
 _LIVE_STATES = frozenset(
     {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
@@ -440,7 +437,7 @@ def stop(engine: Engine, name: str) -> ExperimentRow:
         return row
     engine.registry.request_stop(name)
     job = job_id(engine, name)
-    StoreEventLog(row.layout).emit(Event(STOP_KIND, "stop requested by the user"))
+    StoreEventLog(row.layout).emit(Event(Kind.STOP_REQUESTED.value, "stop requested by the user"))
     info = job_state(job) if job else None
     if info is not None and info.get("JobState") == "RUNNING":
         deadline = time.monotonic() + row.spec.grace_period + 30
