@@ -454,7 +454,12 @@ def stop(engine: Engine, name: str) -> ExperimentRow:
         with contextlib.suppress(LightningGridError):
             mirror.run()
     if job:
-        _run(["scancel", job], f"scancel {job}")
+        try:
+            _run(["scancel", job], f"scancel {job}")
+        except SlurmError as exc:
+            if "invalid job id" not in str(exc).lower():
+                raise  # slurmctld down: say so, the job may still be queued
+            # SLURM no longer knows the job (purged after it ended): nothing is queued or running.
     row = engine.registry.get(name)
     if not row.status.is_terminal():
         engine.registry.transition(name, Status.STOPPED, f"stopped by the user (SLURM job {job} cancelled)")
