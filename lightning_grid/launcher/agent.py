@@ -220,6 +220,10 @@ def run_agent(agent: AgentSpec) -> int:
     instance = instances.lookup(spec.instance_type)
     available = instances.gpu_count()
     devices = instances.visible_devices(instance, available, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    try:  # before the store is touched: a bad --workdir leaves nothing behind
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot use --workdir {agent.workdir}: {exc.strerror}") from None
     layout = StoreLayout.of(artifacts_url, agent.name)
     events = StoreEventLog(layout)
     try:
@@ -243,10 +247,6 @@ def run_agent(agent: AgentSpec) -> int:
         wait = story.retry_at - time.time()
         print(f"lightning-grid agent: retrying in {wait:.0f}s", file=sys.stderr, flush=True)
         time.sleep(wait)
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot use --workdir {agent.workdir}: {exc.strerror}") from None
     number = story.attempts + 1
     setup = attempt.AttemptSetup(
         number=number,

@@ -420,3 +420,49 @@ def test_the_registrys_disk_filling_up_is_one_line_and_resume_continues(tmp_path
     assert again.returncode == 0, again.stderr[-2000:]
     assert "second attempt: done" in again.stdout
     assert Registry(str(home)).get("full").status is Status.SUCCEEDED
+
+
+@pytest.mark.slow
+def test_a_read_only_checkpoint_folder_is_one_line_and_resume_continues(
+    tmp_path: Path, mnist_dir: Path, monkeypatch
+) -> None:
+    """Before: a launcher traceback and an experiment stuck ``running`` with 0 attempts. Now the
+    launcher finds it before starting the script (clearing the attempt's markers): ``pending``, the
+    cause and the path in one line, nothing ran; once the folder is writable again, ``run --resume``
+    trains. (A folder that goes read-only later fails the script at its set-up: see
+    test_checkpoint_store_faults.)"""
+    from tests.faults.conftest import _mount, _umount
+    from tests.helpers import TRAIN
+
+    for key, value in child_env().items():
+        monkeypatch.setenv(key, value)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text(TRAIN.read_text())
+    args = ("--mode", "env", "--data-dir", str(mnist_dir), "--root", "run", "--out", "w.pt", "--epochs", "1")
+    engine = Engine(str(tmp_path / "home"), echo=False)
+    row = engine.submit(
+        Spec(
+            script=str(project / "train.py"),
+            args=args,
+            name="ro",
+            resumable=True,
+            artifacts=str(tmp_path / "s"),
+        )
+    )
+    checkpoints = Path(row.layout.checkpoints)
+    checkpoints.mkdir(parents=True)
+    why = _mount(["--bind", str(checkpoints), str(checkpoints)])
+    if why is not None:
+        pytest.skip(f"cannot bind-mount here (needs root/CAP_SYS_ADMIN): {why}")
+    try:
+        why = _mount(["-o", "remount,bind,ro", str(checkpoints)])
+        if why is not None:
+            pytest.skip(f"cannot remount read-only here: {why}")
+        failed = engine.run("ro")
+    finally:
+        _umount(checkpoints)
+    assert failed.status is Status.PENDING and engine.registry.attempts("ro") == []
+    assert "read-only file system" in failed.reason.lower() and str(checkpoints) in failed.reason
+    assert engine.run("ro").status is Status.SUCCEEDED
+    assert (tmp_path / "home" / "runs" / "ro" / "attempt-1" / "w.pt").exists()  # nothing ran before
