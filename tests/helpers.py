@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,3 +136,11 @@ __all__ = [
     "Run",
     "REPO",
 ]
+
+
+def write_script(folder: Path, name: str, text: str) -> Path:
+    """A small script for a test, in its own folder (the launcher captures the whole folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path

@@ -25,6 +25,7 @@ from lightning_grid.cli import cli, main
 from lightning_grid.launcher.engine import Engine
 from lightning_grid.launcher.spec import OptionInfo, Spec, options
 from tests.helpers import child_env, grid, grid_status
+from tests.helpers import write_script as _script
 
 # Prints a line every 0.1 s; on SIGTERM "saves" and exits 0 (a resumable script as far as the
 # launcher can tell).
@@ -55,20 +56,6 @@ STUBBORN = textwrap.dedent(
     """
 )
 ARGV = "import json, sys\nprint('argv=' + json.dumps(sys.argv[1:]), flush=True)\n"
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "home"
-    monkeypatch.setenv("LIGHTNING_GRID_HOME", str(path))
-    return path
-
-
-def _script(folder: Path, name: str, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(text)
-    return path
 
 
 # -- options: generated from the Spec, documented, spelled both ways ---------------------------------------

@@ -17,6 +17,7 @@ import pytest
 from lightning_grid import Experiment, Status
 from lightning_grid.cli import main
 from tests.helpers import TRAIN, assert_bit_identical, child_env, grid, grid_status
+from tests.helpers import write_script as _script
 
 # A non-Lightning script made resumable through the env contract: its progress lives in the
 # execution directory, which the launcher saves and restores.
@@ -40,20 +41,6 @@ COUNTER = textwrap.dedent(
 )
 STUBBORN = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n"
 CRASH = "import sys\nprint('boom', flush=True)\nsys.exit(3)\n"
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "home"
-    monkeypatch.setenv("LIGHTNING_GRID_HOME", str(path))
-    return path
-
-
-def _script(folder: Path, name: str, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(text)
-    return path
 
 
 def _launch(home: Path, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -28,16 +27,10 @@ from lightning_grid.launcher.registry import Registry
 from lightning_grid.launcher.spec import Spec
 from tests.faults.conftest import MountTmpfs  # noqa: F401
 from tests.helpers import REPO, child_env
+from tests.helpers import write_script as _script
 from tests.integration.test_cloud_notices import Metadata, metadata  # noqa: F401 - the fixture
 
 CONTRACT_SCRIPT = REPO / "tests" / "scripts" / "contract_script.py"
-
-
-def _script(folder: Path, name: str, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def _wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
