@@ -125,8 +125,6 @@ class _Story:
     checkpoint_step: int | None = None  # the newest checkpoint an attempt left committed
 
 
-
-
 def settle_unended(events: StoreEventLog, spec: Spec, why: str) -> Decision | None:
     """An attempt that started and never ended (its machine vanished, SLURM SIGKILLed its job) is a
     *killed* attempt, decided like any other: a resumable run continues from its newest periodic
