@@ -43,10 +43,11 @@ class MNISTDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.synthetic:
             sys.path.insert(0, HERE)
-            from synthetic_mnist import write_synthetic_mnist
+            from synthetic_mnist import has_synthetic_mnist, write_synthetic_mnist
 
-            raw = os.path.join(self.data_dir, "MNIST", "raw", "train-images-idx3-ubyte")
-            if not os.path.exists(raw):
+            # All four files, not just the first: a preemption while they were being written (a
+            # notice in the first seconds) leaves some, and the restored folder must not pass for whole.
+            if not has_synthetic_mnist(self.data_dir):
                 write_synthetic_mnist(self.data_dir)
             return
         try:

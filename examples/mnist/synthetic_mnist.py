@@ -59,6 +59,13 @@ def _write_idx(path: str, magic: int, dims: tuple[int, ...], payload: bytes) -> 
     os.replace(tmp, path)
 
 
+def has_synthetic_mnist(root: str) -> bool:
+    """All four IDX files are there (a process interrupted while writing them leaves only some:
+    each file is written atomically, the set is not)."""
+    raw = os.path.join(root, "MNIST", "raw")
+    return all(os.path.exists(os.path.join(raw, name)) for name in FILES.values())
+
+
 def write_synthetic_mnist(root: str, n_train: int = 6000, n_test: int = 1000, seed: int = 0) -> str:
     """Write the four IDX files under ``root/MNIST/raw``; returns that folder. Idempotent."""
     raw = os.path.join(root, "MNIST", "raw")

@@ -66,6 +66,7 @@ def _status(home: Path, name: str) -> dict:
     return grid_status(home, name)
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: CI runs it, the default run does not
 def test_three_preemptions_of_an_unmodified_lightning_script_end_bit_identical(
     tmp_path: Path, home: Path, mnist_dir: Path, reference
 ) -> None:

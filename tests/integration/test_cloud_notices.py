@@ -253,6 +253,7 @@ def test_launcher_acts_on_an_aws_notice(tmp_path: Path, metadata: Metadata) -> N
     )
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: CI runs it, the default run does not
 def test_agent_on_two_machines_resumes_bit_identical(
     tmp_path: Path, metadata: Metadata, mnist_dir: Path, reference
 ) -> None:

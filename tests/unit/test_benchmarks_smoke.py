@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, child_env
 
 FIGURES = {
@@ -24,6 +26,7 @@ FIGURES = {
 }
 
 
+@pytest.mark.slow  # over 25 s on 2 cores: CI runs it, the default run does not
 def test_benchmark_suite_tiny(tmp_path: Path) -> None:
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "benchmarks", "--preset", "tiny", "--out", str(out), "--work", str(tmp_path)]
