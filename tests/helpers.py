@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -144,3 +146,20 @@ def write_script(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text))
     return path
+
+
+def unreachable_s3_store(**overrides: Any) -> Any:
+    """A CheckpointStore on s3:// whose endpoint is a local port nobody listens on: every request
+    fails at once (one botocore attempt, a 1 s connect timeout), so its saves stay in the spool."""
+    from lightning_grid.checkpoints import CheckpointStore
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    options = {
+        "key": "x",
+        "secret": "y",
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+    }
+    return CheckpointStore("s3://bucket/run", storage_options=options, **{"backoff_s": 0.01, **overrides})

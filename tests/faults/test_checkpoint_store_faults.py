@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import stat
 import tempfile
 import time
@@ -19,6 +18,7 @@ import torch
 
 from lightning_grid.checkpoints import CheckpointStore
 from lightning_grid.errors import StoreError
+from tests.helpers import unreachable_s3_store
 
 HOSTILE_NAMES = [
     "../../x.ckpt",
@@ -86,27 +86,6 @@ def test_record_naming_another_payload_is_ignored(tmp_path: Path) -> None:
     assert (tmp_path / "store" / keep.name).exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _unreachable_s3(port: int) -> CheckpointStore:
-    """A remote store that never answers: its checkpoint stays in the spool, so we can see where."""
-    return CheckpointStore(
-        "s3://bucket/run",
-        storage_options={
-            "key": "x",
-            "secret": "y",
-            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
-        },
-        retries=0,
-        backoff_s=0.01,
-    )
-
-
 @pytest.mark.parametrize("planted", ["symlink-old-name", "symlink-user-name", "other-users-dir"])
 def test_spool_is_private_and_never_follows_a_planted_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: str
@@ -129,7 +108,7 @@ def test_spool_is_private_and_never_follows_a_planted_path(
         os.chown(other, 12345, 12345) if os.geteuid() == 0 else None
 
     with pytest.raises(StoreError) as info:
-        _unreachable_s3(_free_port()).save({"w": torch.ones(4)}, step=3)
+        unreachable_s3_store(retries=0).save({"w": torch.ones(4)}, step=3)
 
     assert list(victim.iterdir()) == [], "the spool followed a planted link"
     kept = Path(str(info.value).rsplit("the checkpoint is kept at ", 1)[1])
@@ -152,7 +131,7 @@ def test_a_checkpoint_spooled_while_the_store_was_down_is_uploaded_when_it_answe
     pytest.importorskip("s3fs")
     moto_server = pytest.importorskip("moto.server")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    down = _unreachable_s3(_free_port())
+    down = unreachable_s3_store(retries=0)
     with pytest.raises(StoreError):
         down.save({"w": torch.full((4,), 7.0)}, step=9, reason="preempted")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import uuid
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from lightning_grid.checkpoints import PREEMPTED_MARKER, CheckpointStore
 from lightning_grid.errors import CorruptCheckpointError, StoreError, StoreUnwritableError
+from tests.helpers import unreachable_s3_store
 
 
 class StoreContract:
@@ -132,27 +132,9 @@ class TestMemoryStore(StoreContract):
         return f"memory://lg-{uuid.uuid4().hex}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_remote_store_keeps_local_copy_and_says_where(tmp_path: Path) -> None:
     pytest.importorskip("s3fs")
-    port = _free_port()  # nothing listens here
-    store = CheckpointStore(
-        "s3://bucket/run",
-        storage_options={
-            "key": "x",
-            "secret": "y",
-            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
-        },
-        retries=1,
-        backoff_s=0.01,
-        spool_dir=str(tmp_path / "spool"),
-    )
+    store = unreachable_s3_store(retries=1, spool_dir=str(tmp_path / "spool"))
     with pytest.raises(StoreError) as info:
         store.save({"w": torch.ones(4)}, step=3)
     message = str(info.value)
