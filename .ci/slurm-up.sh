@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# A one-node SLURM on this machine, for the tests of the SLURM backend (tests/slurm): munged,
-# slurmctld and slurmd, with a low-priority "spot" partition that higher-tier jobs preempt
+# A two-node SLURM on this machine, for the tests of the SLURM backend (tests/slurm): munged,
+# slurmctld and two slurmd (nodes lg1 and lg2, both at 127.0.0.1 on ports of their own, each
+# with every CPU of this machine: `slurmd -N <node>` runs one daemon per node name), with a
+# low-priority "spot" partition that higher-tier jobs preempt
 # (PreemptMode=REQUEUE, a GraceTime), a "spotshort" one whose GraceTime is shorter than a full save,
 # and a high-priority "high" one. Idempotent: a cluster already up with this configuration is left
 # as it is. Needs root and Debian (apt); anywhere else it says why on one line and exits 3.
@@ -11,6 +13,9 @@ set -euo pipefail
 
 STATE=/var/lib/lightning-grid-slurm
 CONF=/etc/slurm/slurm.conf
+NODES="lg1 lg2"
+# slurmd.pid: the one slurmd of an earlier one-node version, stopped once, then its file removed.
+PIDFILES="$STATE/slurmd-lg1.pid $STATE/slurmd-lg2.pid $STATE/slurmd.pid $STATE/slurmctld.pid"
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "slurm-up: needs root (installs slurm-wlm and munge, starts munged, slurmctld, slurmd)" >&2
@@ -18,9 +23,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 if [ "${1:-}" = "--down" ]; then
-  for pidfile in "$STATE/slurmd.pid" "$STATE/slurmctld.pid"; do
+  for pidfile in $PIDFILES; do
     [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
   done
+  rm -f "$STATE/slurmd.pid"
   exit 0
 fi
 
@@ -36,9 +42,9 @@ fi
 
 host=$(hostname -s)
 cpus=$(nproc)
-mkdir -p "$STATE/ctld" "$STATE/d" /etc/slurm /run/munge /var/log/munge /var/lib/munge
+mkdir -p "$STATE/ctld" "$STATE/d-lg1" "$STATE/d-lg2" /etc/slurm /run/munge /var/log/munge /var/lib/munge
 cat >"$CONF.new" <<EOF
-# Written by lightning-grid's .ci/slurm-up.sh: a one-node test cluster.
+# Written by lightning-grid's .ci/slurm-up.sh: a two-node test cluster on one machine.
 ClusterName=lgtest
 SlurmctldHost=$host
 SlurmUser=root
@@ -46,11 +52,12 @@ AuthType=auth/munge
 # A requeued job waits cred_expire + 1 s before it may start again (default 120 s): short here.
 AuthInfo=cred_expire=5
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
+# %n: the node's name, one spool, pid and log per slurmd (several slurmd on one host).
+SlurmdSpoolDir=$STATE/d-%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/slurmctld.log
-SlurmdLogFile=$STATE/slurmd.log
+SlurmdLogFile=$STATE/slurmd-%n.log
 # No cgroups in a container: follow a job's processes through their parents.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -67,14 +74,18 @@ KillWait=5
 MessageTimeout=10
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-NodeName=$host CPUs=$cpus State=UNKNOWN
-PartitionName=spot Nodes=$host Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=20 MaxTime=INFINITE State=UP
-PartitionName=spotshort Nodes=$host PriorityTier=1 PreemptMode=REQUEUE GraceTime=3 MaxTime=INFINITE State=UP
-PartitionName=high Nodes=$host PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
+# Two nodes, one machine: each slurmd listens on its own port of 127.0.0.1 (NodeAddr is how a
+# job's nodes reach each other; the names lg1/lg2 resolve nowhere, so SLURM says the address).
+NodeName=lg1 NodeHostname=$host NodeAddr=127.0.0.1 Port=6921 CPUs=$cpus State=UNKNOWN
+NodeName=lg2 NodeHostname=$host NodeAddr=127.0.0.1 Port=6922 CPUs=$cpus State=UNKNOWN
+PartitionName=spot Nodes=lg[1-2] Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=20 MaxTime=INFINITE State=UP
+PartitionName=spotshort Nodes=lg[1-2] PriorityTier=1 PreemptMode=REQUEUE GraceTime=3 MaxTime=INFINITE State=UP
+PartitionName=high Nodes=lg[1-2] PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
 EOF
 
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if [ -f "$CONF" ] && cmp -s "$CONF" "$CONF.new" && sinfo -h >/dev/null 2>&1 \
-  && [ -f "$STATE/slurmd.pid" ] && kill -0 "$(cat "$STATE/slurmd.pid")" 2>/dev/null; then
+  && alive "$STATE/slurmd-lg1.pid" && alive "$STATE/slurmd-lg2.pid"; then
   rm -f "$CONF.new"
   exit 0  # already up with this configuration
 fi
@@ -90,19 +101,22 @@ if ! munge -n </dev/null >/dev/null 2>&1; then
   runuser -u munge -- /usr/sbin/munged || /usr/sbin/munged --force
 fi
 
-for pidfile in "$STATE/slurmd.pid" "$STATE/slurmctld.pid"; do
+for pidfile in $PIDFILES; do
   if [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null; then
     sleep 1
   fi
 done
+rm -f "$STATE/slurmd.pid"
 /usr/sbin/slurmctld -c   # -c: a clean state, nothing queued from an earlier run
-/usr/sbin/slurmd
+for node in $NODES; do
+  /usr/sbin/slurmd -N "$node"
+done
 
 for _ in $(seq 1 60); do
-  if sinfo -h -o %T -n "$host" 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-    exit 0
+  if [ "$(sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" -ge 6 ]; then
+    exit 0  # both nodes up, in each of the three partitions
   fi
   sleep 0.5
 done
-echo "slurm-up: slurmctld/slurmd did not come up; see $STATE/slurmctld.log and $STATE/slurmd.log" >&2
+echo "slurm-up: slurmctld/slurmd did not come up; see $STATE/slurmctld.log and $STATE/slurmd-lg*.log" >&2
 exit 1

@@ -26,7 +26,8 @@ class Settings:
 
     name: str = "full"
     reps: int = 3
-    state_mb: tuple[float, ...] = (10.0, 100.0, 1000.0)
+    state_mb: tuple[float, ...] = (10.0, 100.0, 1000.0, 4000.0)
+    profile_mb: float = 1000.0
     kill_every_n: int = 50
     resume_batches: int = 4000
     resume_positions: tuple[int, ...] = (1, 50, 99)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 
 from benchmarks.common import (
     SIGKILL,
@@ -24,9 +25,19 @@ from benchmarks.common import (
 _BIG_EPOCH = ["--batches", "100000"]
 
 
-def _sigterm_once(root: str, state_mb: float, at_step: int) -> tuple[float, int, int]:
+#: The issue's targets: SIGTERM → exit within 1.15 × the raw write of the same bytes + 0.3 s, and a
+#: fixed cost (a state this small that its bytes cost nothing) within 0.15 s.
+RAW_FACTOR = 1.15
+RAW_SLACK_S = 0.3
+FIXED_COST_MB = 10.0
+FIXED_COST_S = 0.15
+
+
+def _sigterm_once(
+    root: str, state_mb: float, at_step: int, extra: tuple[str, ...] = ()
+) -> tuple[float, int, int]:
     """SIGTERM at ``at_step``: seconds to exit, checkpoint bytes, and the last completed step."""
-    proc = Proc(train_cmd(root, "--state-mb", str(state_mb), "--announce", *_BIG_EPOCH))
+    proc = Proc(train_cmd(root, "--state-mb", str(state_mb), "--announce", *_BIG_EPOCH, *extra))
     proc.wait_for(step_at_least("STEP", at_step))
     sent = proc.signal(SIGTERM)
     exited = proc.finish()
@@ -47,8 +58,15 @@ def _resumed_at(root: str, extra: list[str]) -> int:
     return int(line.split()[1])
 
 
+def _limit(raw: float, slack: float = RAW_SLACK_S) -> float:
+    return RAW_FACTOR * raw + slack
+
+
 def sigterm_to_exit(settings: Settings) -> tuple[list[Row], dict]:
-    """SIGTERM → exit per state size; the smallest size is also relaunched to count lost steps."""
+    """SIGTERM → exit per state size; the smallest size is also relaunched to count lost steps.
+
+    Each repetition's exit is compared with the raw write of the same bytes on the same disk right
+    after it (the ratio is taken per repetition, so a slow patch of a shared disk hits both)."""
     rng = random.Random(0)
     rows: list[Row] = []
     curve = []
@@ -67,20 +85,26 @@ def sigterm_to_exit(settings: Settings) -> tuple[list[Row], dict]:
             shutil.rmtree(root, ignore_errors=True)
             times.append(elapsed)
             raws.append(raw)
-            ratios.append(elapsed / (1.3 * raw + 1.0))
+            ratios.append(elapsed / raw)
             log(f"SIGTERM→exit {mb:g} MB rep {rep + 1}: {elapsed:.3f}s (raw {raw:.3f}s, {size / 1e6:.1f} MB)")
         value, raw_stat, ratio = Stat.of(times), Stat.of(raws), Stat.of(ratios)
+        fixed = mb <= FIXED_COST_MB
         rows.append(
             Row(
                 figure="SIGTERM → process exit",
-                case=f"{size / 1e6:.0f} MB checkpoint",
+                case=f"{size / 1e6:.0f} MB checkpoint" + (" (the fixed cost)" if fixed else ""),
                 unit="s",
                 value=value,
                 baseline=raw_stat,
                 baseline_label="os.write + fsync of the same bytes",
                 ratio=ratio,
-                target="≤ 1.3 × raw + 1 s (ratio = value / (1.3 × raw + 1 s) ≤ 1)",
-                met=value.median <= 1.3 * raw_stat.median + 1.0,
+                target=(
+                    f"≤ {FIXED_COST_S} s"
+                    if fixed
+                    else f"≤ {RAW_FACTOR} × raw + {RAW_SLACK_S} s (ratio = value / raw)"
+                ),
+                met=value.median <= (FIXED_COST_S if fixed else _limit(raw_stat.median)),
+                notes=f"value − raw: {Stat.of(t - r for t, r in zip(times, raws)).fmt()} s",
             )
         )
         curve.append({"mb": size / 1e6, "exit": value, "raw": raw_stat})
@@ -99,6 +123,59 @@ def sigterm_to_exit(settings: Settings) -> tuple[list[Row], dict]:
         )
     )
     return rows, {"sigterm_curve": curve}
+
+
+def _first_chunk_copy_s() -> float:
+    """Seconds to copy one chunk of the checkpoint writer (64 MiB) from the GPU to pinned memory."""
+    import torch
+
+    from lightning_grid.checkpoints import _Staging
+
+    source = torch.empty(_Staging.CHUNK_BYTES, dtype=torch.uint8, device="cuda")
+    target = torch.empty(_Staging.CHUNK_BYTES, dtype=torch.uint8, pin_memory=True)
+    samples = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        target.copy_(source, non_blocking=True)
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return Stat.of(samples).median
+
+
+def sigterm_to_exit_gpu(settings: Settings) -> tuple[list[Row], dict]:
+    """SIGTERM → exit with the model and optimizer state on the GPU (needs CUDA): the device → host
+    copy runs a chunk at a time, overlapped with the write, so the exit may exceed the CPU target
+    by the copy of one chunk only."""
+    rng = random.Random(3)
+    first_chunk = _first_chunk_copy_s()
+    rows: list[Row] = []
+    for mb in [m for m in settings.state_mb if m > FIXED_COST_MB] or list(settings.state_mb):
+        times: list[float] = []
+        raws: list[float] = []
+        size = 0
+        for rep in range(settings.reps):
+            root = fresh_dir(settings.work, f"sigterm-gpu-{mb:g}")
+            elapsed, size, _ = _sigterm_once(root, mb, rng.randint(5, 20), ("--accelerator", "gpu"))
+            raws.append(raw_write(size, root))
+            times.append(elapsed)
+            shutil.rmtree(root, ignore_errors=True)
+            log(f"SIGTERM→exit on GPU {mb:g} MB rep {rep + 1}: {elapsed:.3f}s (raw {raws[-1]:.3f}s)")
+        value, raw_stat = Stat.of(times), Stat.of(raws)
+        rows.append(
+            Row(
+                figure="SIGTERM → process exit, state on the GPU",
+                case=f"{size / 1e6:.0f} MB checkpoint",
+                unit="s",
+                value=value,
+                baseline=raw_stat,
+                baseline_label="os.write + fsync of the same bytes",
+                ratio=Stat.of(t / r for t, r in zip(times, raws)),
+                target=f"≤ {RAW_FACTOR} × raw + {RAW_SLACK_S} s + one chunk's copy ({first_chunk * 1000:.1f} ms)",
+                met=value.median <= _limit(raw_stat.median, RAW_SLACK_S + first_chunk),
+            )
+        )
+    return rows, {}
 
 
 def steps_lost_sigkill(settings: Settings) -> tuple[list[Row], dict]:

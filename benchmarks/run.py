@@ -26,13 +26,15 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import preemption, resume, sync, throughput, wall  # noqa: E402
+from benchmarks import exit_profile, preemption, resume, sync, throughput, wall  # noqa: E402
 from benchmarks.common import Row, Settings, Stat, log  # noqa: E402
 from benchmarks.report import write  # noqa: E402
 
 Figure = Callable[[Settings], tuple[list[Row], dict]]
 FIGURES: dict[str, Figure] = {
     "sigterm": preemption.sigterm_to_exit,
+    "sigterm-gpu": preemption.sigterm_to_exit_gpu,
+    "profile": exit_profile.exit_breakdown,
     "sigkill": preemption.steps_lost_sigkill,
     "resume": resume.resume_overhead,
     "throughput": throughput.throughput,
@@ -43,14 +45,21 @@ FIGURES: dict[str, Figure] = {
 PRESETS = {
     "full": Settings(),
     "quick": Settings(
-        name="quick", reps=1, state_mb=(10.0,), kill_every_n=20, resume_batches=400,
+        name="quick", reps=1, state_mb=(10.0,), profile_mb=10.0, kill_every_n=20, resume_batches=400,
         throughput_steps=150, wall_steps=120, wall_k=(1,), sync_mb=50.0,
     ),
     "tiny": Settings(
-        name="tiny", reps=1, state_mb=(2.0,), kill_every_n=10, resume_batches=100, resume_positions=(1, 99),
+        name="tiny", reps=1, state_mb=(2.0,), profile_mb=2.0, kill_every_n=10, resume_batches=100, resume_positions=(1, 99),
         throughput_steps=40, wall_steps=60, wall_k=(1,), sync_mb=5.0,
     ),
 }  # fmt: skip
+
+
+def default_figures() -> list[str]:
+    """Every figure; the GPU one only where CUDA is there to measure it."""
+    import torch
+
+    return [name for name in FIGURES if name != "sigterm-gpu" or torch.cuda.is_available()]
 
 
 def _failed(name: str, exc: BaseException) -> Row:
@@ -126,7 +135,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
     p.add_argument("--only", default=None, help=f"comma-separated figures: {', '.join(FIGURES)}")
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--state-mb", default=None, help="checkpoint sizes for SIGTERM → exit, e.g. 10,100,1000")
+    p.add_argument("--state-mb", default=None, help="checkpoint sizes for SIGTERM → exit, e.g. 10,1000,4000")
+    p.add_argument("--profile-mb", type=float, default=None, help="state size of the exit breakdown (1000)")
     p.add_argument("--sync-mb", type=float, default=None)
     p.add_argument("--wall-k", default=None, help="preemption counts, e.g. 1,3,10")
     p.add_argument(
@@ -149,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, state_mb=tuple(float(v) for v in args.state_mb.split(",")))
     if args.sync_mb:
         settings = replace(settings, sync_mb=args.sync_mb)
+    if args.profile_mb:
+        settings = replace(settings, profile_mb=args.profile_mb)
     if args.wall_k:
         settings = replace(settings, wall_k=tuple(int(v) for v in args.wall_k.split(",")))
-    names = list(FIGURES) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    names = default_figures() if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         raise SystemExit(f"unknown figure(s) {unknown}; choose from {list(FIGURES)}")

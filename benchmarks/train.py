@@ -23,7 +23,9 @@ import argparse
 import atexit
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -51,11 +53,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace", action="store_true")
     p.add_argument("--logger", choices=["csv", "none"], default="csv")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--accelerator", default="cpu", help="cpu, or gpu: the state lives on the GPU")
     return p.parse_args(argv)
 
 
+_SAY = threading.Lock()
+
+
 def say(*parts: object) -> None:
-    print(*parts, flush=True)
+    """One whole line per call, also from the checkpoint writer's threads (``--trace``)."""
+    line = " ".join(str(p) for p in parts) + "\n"
+    with _SAY:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 class Synthetic(Dataset):
@@ -142,19 +152,28 @@ class Harness(pl.Callback):
 
 
 def _install_trace() -> None:
-    """Print a timestamp at each stage of the exit path (wraps product functions; benchmark only)."""
-    from lightning_grid import checkpoints
+    """Print a timestamp at each stage of the exit path (wraps product functions; benchmark only).
+
+    Wraps what exists, so the same script profiles older and newer versions of the save path:
+    ``write`` is each ``os.write``/``os.writev`` (or the older ``HashingWriter._write``), ``fsync`` and
+    ``fsync_dir`` each ``os.fsync`` of a file or a folder, ``rename`` each ``os.replace``."""
+    import stat
+
+    from lightning_grid import _io, checkpoints
     from lightning_grid.resumable import callback, signals
 
-    def wrap(owner: object, name: str, label: str) -> None:
-        original = getattr(owner, name)
+    def wrap(owner: object, name: str, label: str | Callable[..., str]) -> None:
+        original = getattr(owner, name, None)
+        if original is None:
+            return
 
         def traced(*a, **k):
-            say("TRACE", f"{label}:start", time.monotonic())
+            tag = label(*a) if callable(label) else label
+            say("TRACE", f"{tag}:start", time.monotonic())
             try:
                 return original(*a, **k)
             finally:
-                say("TRACE", f"{label}:end", time.monotonic())
+                say("TRACE", f"{tag}:end", time.monotonic())
 
         setattr(owner, name, traced)
 
@@ -164,13 +183,29 @@ def _install_trace() -> None:
         say("TRACE", "signal", time.monotonic())
         handler(self, signum, frame)
 
+    def fsync_kind(fd: int) -> str:
+        try:
+            return "fsync_dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync"
+        except OSError:
+            return "fsync"
+
     signals.SignalFlag._handler = on_signal  # type: ignore[method-assign]
     wrap(callback._lightning, "dump_checkpoint", "dump_checkpoint")
     wrap(callback.Resumable, "_save", "save_on_training_thread")
     wrap(torch, "save", "torch.save")
     wrap(checkpoints.CheckpointStore, "save", "store.save")
     wrap(checkpoints.CheckpointStore, "_write_small", "write_small")
-    wrap(callback.Resumable, "_release_commit", "release_commit(log flush)")
+    wrap(checkpoints.CheckpointStore, "prune", "prune")
+    wrap(checkpoints, "_layout", "layout")
+    wrap(_io.StreamWriter if hasattr(_io, "StreamWriter") else None, "close", "stream_close")
+    wrap(_io.HashingWriter if hasattr(_io, "HashingWriter") else None, "_write", "write")
+    wrap(_io.HashingWriter if hasattr(_io, "HashingWriter") else None, "write", "hashing_write")
+    wrap(os, "write", "write")
+    wrap(os, "writev", "write")
+    wrap(_io, "_SYNC_FILE_RANGE", "writeback")  # the hint that starts the disk writing
+    wrap(os, "fsync", fsync_kind)
+    wrap(os, "replace", "rename")
+    wrap(callback.Resumable, "_release_commit", "release_commit")
     wrap(callback.Resumable, "_reap_writer", "reap_writer")
     wrap(callback.Resumable, "_finish_preemption", "finish_preemption")
     wrap(callback.Resumable, "teardown", "teardown")
@@ -195,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         default_root_dir=args.root,
         max_epochs=args.epochs,
         max_steps=args.max_steps,
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
         logger=CSVLogger(args.root, name="logs") if args.logger == "csv" else False,
         log_every_n_steps=10,

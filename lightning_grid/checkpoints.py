@@ -14,14 +14,17 @@ trusts a half-written file, and a SIGKILL at any instant leaves the previous che
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import json
 import logging
 import os
+import pickle
 import re
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,6 +34,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from lightning_grid._io import (
     HashingWriter,
+    StreamWriter,
+    atomic_file,
     atomic_write_bytes,
     atomic_writer,
     describe_os_error,
@@ -107,7 +112,12 @@ class _OutOfTime(Exception):
 
 @contextlib.contextmanager
 def _zip_crc32(enabled: bool) -> Iterator[None]:
-    """torch.save with or without the zip CRC-32 of each record (torch >= 2.5 can skip it)."""
+    """torch.save with or without the zip CRC-32 of each record (torch >= 2.5 can skip it).
+
+    Only for the fallback that lets ``torch.save`` write everything: the setting is process-wide,
+    so it is switched off only while the training thread waits for the write (a preemption) and
+    nobody else saves with torch; the sha256 in the commit record guards the payload, and
+    ``torch.load`` does not check the CRC."""
     config: Any = None
     if not enabled:
         with contextlib.suppress(ImportError):
@@ -187,16 +197,15 @@ class CheckpointStore:
         name = f"ckpt-{step:010d}-{time.time_ns() // 1_000_000}{_PAYLOAD_SUFFIX}"
         started = time.monotonic()
         upload_s = 0.0
-        # The sha256 in the commit record guards the payload, so zip's CRC-32 (half a second per GB)
-        # is skipped while the training thread waits for this write (a preemption): nobody else
-        # saves with torch in the meantime, and torch.load does not check it.
-        with _zip_crc32(enabled=reason != "preempted"):
-            if self.is_local:
-                digest, size = _serialise(
-                    checkpoint, self._path(name), f"saving the step {step} checkpoint to"
-                )
-            else:
-                digest, size, upload_s = self._save_remote(checkpoint, name, step, reason)
+        if self.is_local:
+            digest, size = _serialise(
+                checkpoint,
+                self._path(name),
+                f"saving the step {step} checkpoint to",
+                crc32=reason != "preempted",
+            )
+        else:
+            digest, size, upload_s = self._save_remote(checkpoint, name, step, reason)
         if before_commit is not None:
             before_commit()
         # How long this save took is what a launcher weighs against the next notice's window.
@@ -218,7 +227,10 @@ class CheckpointStore:
         os.makedirs(spool, mode=0o700, exist_ok=True)
         local = os.path.join(spool, name)
         digest, size = _serialise(
-            checkpoint, local, f"spooling the step {step} checkpoint (for {self.url}) to"
+            checkpoint,
+            local,
+            f"spooling the step {step} checkpoint (for {self.url}) to",
+            crc32=reason != "preempted",
         )
         started = time.monotonic()
         try:
@@ -355,7 +367,7 @@ class CheckpointStore:
         By write time rather than step: a run restarted from scratch in the same folder writes lower
         steps than an older run did, and its checkpoints are the ones to continue from."""
         try:
-            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+            names = self._names()
         except FileNotFoundError:
             return []
         records = []
@@ -363,7 +375,7 @@ class CheckpointStore:
             if not name.endswith(_COMMIT_SUFFIX):
                 continue
             try:
-                record = CommitRecord.from_json(self.fs.cat_file(self._path(name)))
+                record = CommitRecord.from_json(self._read_small(name))
                 if record.name + _COMMIT_SUFFIX != name:
                     raise ValueError(f"it names {record.name!r}, not the payload beside it")
             except (ValueError, KeyError, TypeError, OSError) as exc:
@@ -374,6 +386,19 @@ class CheckpointStore:
             records.append(record)
         records.sort(key=lambda r: (r.time, r.step), reverse=True)
         return records
+
+    def _names(self) -> list[str]:
+        """The file names in the store's folder. A local folder is listed directly: after every
+        periodic save, in the background thread, while the training thread wants the GIL."""
+        if self.is_local:
+            return os.listdir(self.root)
+        return [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+
+    def _read_small(self, name: str) -> bytes:
+        if self.is_local:
+            with open(self._path(name), "rb") as handle:
+                return handle.read()
+        return bytes(self.fs.cat_file(self._path(name)))
 
     def read_verified(self, record: CommitRecord) -> bytes:
         if not safe_payload_name(record.name):
@@ -477,12 +502,35 @@ class CheckpointStore:
             fsync_dir(self.root)
 
 
-def _serialise(checkpoint: Any, path: str, what: str) -> tuple[str, int]:
-    """``torch.save`` to ``path`` atomically, hashing on the way; (sha256, size).
+def _serialise(checkpoint: Any, path: str, what: str, crc32: bool = True) -> tuple[str, int]:
+    """``torch.save`` of ``checkpoint`` to ``path`` atomically, hashing on the way; (sha256, size).
+
+    The bytes are what ``torch.save`` writes, but the tensor data does not pass through it: torch
+    lays the archive out (pickle, zip headers) with each storage's place left open, and the
+    storages then go straight from tensor memory to the file in large writes, hashed on the way,
+    with the disk already writing while later bytes are copied in (see ``StreamWriter``). A GPU
+    storage is copied to the host a chunk at a time, each copy overlapped with the write of the
+    chunk before it. Only a torch without ``skip_data`` (< 2.6), or a checkpoint whose layout
+    this does not recognise, goes through ``torch.save`` itself (``crc32``: whether it computes
+    zip's CRC-32 there; the streamed archive never has them: the commit record's sha256 guards
+    the payload, and ``torch.load`` does not check them).
 
     A failed write leaves no temp file and raises ``StoreFullError``/``StoreWriteError`` naming
-    the path and the OS's reason: torch reports a full disk as "unexpected pos …", which says
-    nothing to a user, so the OSError underneath is what is reported."""
+    the path and the OS's reason."""
+    layout = _layout(checkpoint)
+    if layout is None:
+        with _zip_crc32(enabled=crc32):
+            return _serialise_with_torch(checkpoint, path, what)
+    try:
+        with atomic_file(path) as fd:
+            return _write_pieces(fd, layout)
+    except OSError as exc:
+        raise write_error(exc, path, what) from exc
+
+
+def _serialise_with_torch(checkpoint: Any, path: str, what: str) -> tuple[str, int]:
+    """``torch.save`` through a hashing file object: torch reports a full disk as "unexpected pos …",
+    which says nothing to a user, so the OSError underneath is what is reported."""
     import torch
 
     writer: HashingWriter | None = None
@@ -497,3 +545,209 @@ def _serialise(checkpoint: Any, path: str, what: str) -> tuple[str, int]:
             raise write_error(writer.error, path, what) from writer.error
         raise
     return writer.sha256, writer.size
+
+
+class _Recorder:
+    """A write-only, seekable-forward file object that keeps what ``torch.save`` writes under
+    ``skip_data``: the archive's bytes, and a hole (its size) where each storage's bytes go."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes | int] = []  # bytes to write, or the size of a storage's hole
+        self._pending = bytearray()
+        self.position = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._pending += view
+        self.position += view.nbytes
+        return view.nbytes
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        target = offset if whence == os.SEEK_SET else self.position + offset
+        if whence not in (os.SEEK_SET, os.SEEK_CUR) or target < self.position:
+            raise OSError("the checkpoint layout is written front to back")
+        self.pieces += [bytes(self._pending), target - self.position]
+        self._pending = bytearray()
+        self.position = target
+        return target
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> list[bytes | int]:
+        if self._pending:
+            self.pieces.append(bytes(self._pending))
+            self._pending = bytearray()
+        return self.pieces
+
+
+#: Types ``persistent_id`` never numbers (torch's returns None for them).
+_PLAIN = frozenset({int, float, bool, str, bytes, complex, type(None), tuple, list, dict})
+
+
+def _capturing_pickle(found: dict[str, Any]) -> types.ModuleType:
+    """A ``pickle`` module for ``torch.save`` that also reports which storage each key names.
+
+    torch subclasses ``pickle_module.Pickler`` and numbers each storage in ``persistent_id``; the
+    subclass hook wraps that method, so the key → storage map comes from torch's own numbering."""
+
+    class Pickler(pickle.Pickler):
+        def __init_subclass__(cls, **kwargs: Any) -> None:
+            super().__init_subclass__(**kwargs)
+            numbered = cls.persistent_id
+
+            def persistent_id(self: Any, obj: Any) -> Any:
+                # Called for every object pickled, each int of an RNG state included: plain
+                # values (never a storage) skip torch's checks.
+                if type(obj) in _PLAIN:
+                    return None
+                pid = numbered(self, obj)
+                if pid is not None and pid[0] == "storage":
+                    found[str(pid[2])] = getattr(obj, "_untyped_storage", obj)
+                return pid
+
+            cls.persistent_id = persistent_id  # type: ignore[method-assign]
+
+    module = types.ModuleType("pickle")  # torch asks for its __name__ (dill needs care, pickle none)
+    module.__dict__.update({k: getattr(pickle, k) for k in ("Unpickler", "load", "loads", "dump", "dumps")})
+    module.Pickler = Pickler  # type: ignore[attr-defined]
+    return module
+
+
+_LOCAL_HEADER = b"PK\x03\x04"
+
+
+def _layout(checkpoint: Any) -> list[Any] | None:
+    """What ``torch.save(checkpoint)`` writes, as archive bytes and storages, in file order; None
+    when torch cannot lay it out without the data (< 2.6) or the layout is not the expected one
+    (then the caller lets ``torch.save`` write everything: slower, never wrong)."""
+    import torch
+
+    skip_data = getattr(torch.serialization, "skip_data", None)
+    if skip_data is None:
+        return None
+    found: dict[str, Any] = {}
+    recorder = _Recorder()
+    try:
+        with skip_data():
+            torch.save(checkpoint, recorder, pickle_module=_capturing_pickle(found))  # type: ignore[arg-type]
+    except Exception as exc:  # torch.save itself then says what is wrong, if anything is
+        log.debug("lightning_grid: no streamed layout for this checkpoint (%s); torch.save writes it", exc)
+        return None
+    layout: list[Any] = []
+    for piece in recorder.close():
+        if isinstance(piece, bytes):
+            layout.append(piece)
+            continue
+        # A hole: the local header just before it names the record ("<archive>/data/<key>").
+        previous = layout[-1] if layout and isinstance(layout[-1], bytes) else b""
+        header = previous.rfind(_LOCAL_HEADER)
+        if header < 0 or header + 30 > len(previous):
+            return None
+        name_length = int.from_bytes(previous[header + 26 : header + 28], "little")
+        name = previous[header + 30 : header + 30 + name_length].decode("utf-8", "replace")
+        storage = found.get(name.rpartition("/data/")[2]) if "/data/" in name else None
+        if storage is None or storage.nbytes() != piece or storage.device.type == "meta":
+            return None
+        if piece:
+            layout.append(storage)
+    return layout
+
+
+def _write_pieces(fd: int, layout: list[Any]) -> tuple[str, int]:
+    """Archive bytes and storages to ``fd`` in order, hashed in one pass; (sha256, size)."""
+    stream = StreamWriter(fd)
+    staging: _Staging | None = None
+    try:
+        for piece in layout:
+            if isinstance(piece, bytes):
+                stream.write(piece)
+            elif piece.device.type == "cpu":
+                stream.write(_host_view(piece.data_ptr(), piece.nbytes()))  # the tensor's memory: no copy
+            else:
+                staging = staging or _Staging(max(p.nbytes() for p in layout if not isinstance(p, bytes)))
+                staging.write(piece, stream)
+        digest = stream.close()
+    except BaseException:
+        stream.abort()  # the hash thread may still be reading a buffer: it stops first
+        raise
+    return digest, stream.size
+
+
+def _host_view(address: int, size: int) -> memoryview:
+    """``size`` bytes of host memory at ``address`` as a buffer, without copying them: valid only
+    while their owner (a storage) lives and is not written to."""
+    return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
+
+class _Staging:
+    """Device → host copies of storages, a chunk at a time, each overlapped with the write of the
+    chunk before it: two (pinned) host buffers take turns, so the write of a storage starts after
+    the copy of its first chunk rather than of all of it.
+
+    A buffer is refilled only once the write *and* the hash of its previous chunk are done. Works
+    for any device torch can copy from; only CUDA copies run asynchronously (on a side stream),
+    elsewhere each chunk is copied in turn (correct, not overlapped)."""
+
+    #: Bytes per device → host copy: a fraction of a second of writing, a few ms of copying.
+    CHUNK_BYTES = 64 << 20
+
+    def __init__(self, largest: int, chunk_bytes: int | None = None) -> None:
+        self._chunk = max(1, min(chunk_bytes or self.CHUNK_BYTES, largest))
+        self._buffers: list[Any] = []
+        self._streams: dict[Any, Any] = {}  # device → the side stream its copies run on
+
+    def _side_stream(self, device: Any) -> Any:
+        import torch
+
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            # Whatever the training step queued, on any stream, has written these tensors first.
+            torch.cuda.synchronize(device)
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def write(self, storage: Any, stream: StreamWriter) -> None:
+        import torch
+
+        size = storage.nbytes()
+        source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+        copier = self._side_stream(storage.device)
+        if not self._buffers:
+            pin = copier is not None
+            self._buffers = [torch.empty(self._chunk, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        starts = list(range(0, size, self._chunk))
+        hashed: list[threading.Event | None] = [None, None]
+        copied: list[Any] = [None, None]
+
+        def fill(index: int) -> None:
+            slot = index % 2
+            previous = hashed[slot]
+            if previous is not None:
+                previous.wait()  # the chunk this buffer held is written and hashed
+            begin = starts[index]
+            target = self._buffers[slot][: min(self._chunk, size - begin)]
+            if copier is None:
+                target.copy_(source[begin : begin + target.numel()])
+                return
+            with torch.cuda.stream(copier):
+                target.copy_(source[begin : begin + target.numel()], non_blocking=True)
+                copied[slot] = torch.cuda.Event()
+                copied[slot].record(copier)
+
+        fill(0)
+        for index, begin in enumerate(starts):
+            if index + 1 < len(starts):
+                fill(index + 1)  # the next chunk's copy runs while this one is written
+            slot = index % 2
+            if copied[slot] is not None:
+                copied[slot].synchronize()
+            stream.write(_host_view(self._buffers[slot].data_ptr(), min(self._chunk, size - begin)))
+            hashed[slot] = stream.flush()
+        for done in hashed:
+            if done is not None:
+                done.wait()  # the buffers are reused for the next storage

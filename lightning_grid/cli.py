@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 from datetime import datetime
 from typing import IO, Any
 
@@ -35,7 +36,7 @@ from lightning_grid.launcher.engine import Engine
 from lightning_grid.launcher.experiment import Status
 from lightning_grid.launcher.notices import LauncherSignals
 from lightning_grid.launcher.report import describe
-from lightning_grid.launcher.spec import Spec, options, parse_simulation, validate_name
+from lightning_grid.launcher.spec import Spec, options, parse_capacity, parse_simulation, validate_name
 
 __all__ = ["main", "cli"]
 
@@ -142,17 +143,35 @@ def _build_spec(values: dict[str, Any], **fixed: Any) -> Spec:
     applies before the engine, the registry or the disk see anything."""
     values = dict(values)
     simulated = values.pop("simulate_preemptions", None)
-    return Spec(simulate_preemptions=parse_simulation(simulated), **values, **fixed).validated()
+    seconds, nodes = parse_simulation(simulated)
+    capacity = parse_capacity(values.pop("simulate_capacity", None))
+    return Spec(
+        simulate_preemptions=seconds, simulate_nodes=nodes, simulate_capacity=capacity, **values, **fixed
+    ).validated()
+
+
+def _changed_names(ctx: click.Context, names: Iterable[str]) -> set[str]:
+    """The parameter names among ``names`` given on the command line (or by environment)."""
+    return {
+        name
+        for name in names
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+    }
 
 
 def _changed(ctx: click.Context, names: Iterable[str]) -> list[str]:
     """The options among ``names`` given on the command line (or by environment), as spelled there."""
     given = []
     for param in ctx.command.params:
-        if param.name in names and ctx.get_parameter_source(param.name) not in (
-            ParameterSource.DEFAULT,
-            ParameterSource.DEFAULT_MAP,
-            None,
+        if (
+            param.name is not None
+            and param.name in names
+            and ctx.get_parameter_source(param.name)
+            not in (
+                ParameterSource.DEFAULT,
+                ParameterSource.DEFAULT_MAP,
+                None,
+            )
         ):
             given.append(param.opts[-1])
     return given
@@ -166,6 +185,8 @@ def cli() -> None:
 
 
 _SPEC_NAMES = frozenset(info.name for info in options())
+#: What a resumed experiment may change: how many machines and processes it runs on.
+_CAPACITY = frozenset(f.name for f in fields(Spec) if f.metadata.get("capacity"))
 
 
 # No ignore_unknown_options: a mistyped option before SCRIPT is click's "No such option". No
@@ -214,16 +235,24 @@ def run(
     if resume is not None:
         if script:
             raise UsageError("give either --resume NAME or a SCRIPT, not both")
-        given = _changed(ctx, _SPEC_NAMES)
+        given = _changed(ctx, _SPEC_NAMES - _CAPACITY)
         if given:
             raise UsageError(
                 f"--resume continues {_safe(resume)} as it was submitted; {given[0]} cannot change it"
+                " (only --num-nodes, --nproc-per-node and --min-nodes can: capacity may come back different)"
             )
         validate_name(resume)
         engine = Engine(echo=not no_echo)
         row = engine.registry.get(resume)  # an unknown name: no lock, no file
         if row.status.is_terminal() and row.status is not Status.FAILED:  # a failed one may continue
             raise UsageError(f"experiment {resume!r} has already ended ({row.status.value})")
+        resized = {k: values[k] for k in _CAPACITY if k in _changed_names(ctx, _CAPACITY)}
+        if resized:
+            spec = row.spec.with_(**resized).validated()
+            changes = row.spec.capacity_changes(spec)
+            if changes:
+                what = ", ".join(f"{k}={v}" for k, v in sorted(changes.items()))
+                engine.registry.update_spec(resume, spec, f"resumed with a new capacity: {what}")
         name = resume
     else:
         if not script:
@@ -375,6 +404,15 @@ def status(name: str, as_json: bool, artifacts: str | None) -> None:
             Text(_safe(a["outcome"])),
             Text(_safe(a["reason"])),
         )
+        for node in a.get("nodes") or ():
+            table.add_row(
+                f"  node {node['node']}",
+                f"pid {node['pid']}",
+                "",
+                str(node["exit_code"]),
+                Text(_safe(node["outcome"])),
+                "",
+            )
     console.print(table)
     for event in info["events"]:
         arrow = f"{event['from'] or ''} → {event['to']}" if event["to"] else "·"
@@ -384,7 +422,13 @@ def status(name: str, as_json: bool, artifacts: str | None) -> None:
     console.print(
         Text.assemble(
             ("bill", "bold"),
-            f": {bill['attempts']} attempts · running {_duration(bill['seconds_running'])} · pending"
+            f": {bill['attempts']} attempts · running {_duration(bill['seconds_running'])}"
+            + (
+                f" ({_duration(bill['node_seconds_running'])} of machine time)"
+                if bill["node_seconds_running"] > bill["seconds_running"] + 0.5
+                else ""
+            )
+            + " · pending"
             f" {_duration(bill['seconds_pending'])} · saving after notices {bill['seconds_saving_after_notice']:.1f}s ·"
             f" restoring {bill['seconds_restoring']:.1f}s · steps redone {redone} · est. cost ${bill['cost_spot_usd']:.4f}"
             f" on spot vs ${bill['cost_on_demand_usd']:.4f} on demand",

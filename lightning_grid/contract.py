@@ -21,6 +21,7 @@ __all__ = [
     "ENV_EVERY_N_TRAIN_STEPS",
     "ENV_EVERY_N_SECONDS",
     "ENV_PROGRESS",
+    "ENV_NODE",
     "Contract",
     "default_home",
 ]
@@ -46,6 +47,9 @@ ENV_EVERY_N_SECONDS = "LIGHTNING_GRID_EVERY_N_SECONDS"
 #: reached: after a SIGKILL the launcher compares it with the newest committed checkpoint to bill
 #: the steps that will be trained again.
 ENV_PROGRESS = "LIGHTNING_GRID_PROGRESS"
+#: Multi-node: the number of the node (machine) this process runs on, as the launcher counts them.
+#: Processes of different nodes tell apart the notice meant for one machine.
+ENV_NODE = "LIGHTNING_GRID_NODE"
 #: Root of lightning-grid's persistent state (registry, default artifact store).
 ENV_HOME = "LIGHTNING_GRID_HOME"
 

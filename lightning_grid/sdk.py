@@ -10,7 +10,7 @@ from lightning_grid.errors import UsageError
 from lightning_grid.launcher.engine import Engine
 from lightning_grid.launcher.experiment import Status
 from lightning_grid.launcher.report import describe
-from lightning_grid.launcher.spec import Spec, parse_simulation
+from lightning_grid.launcher.spec import Spec, parse_capacity, parse_simulation
 
 __all__ = ["Experiment"]
 
@@ -45,7 +45,11 @@ class Experiment:
                 f"unknown Experiment option(s): {', '.join(unknown)}; valid: {', '.join(sorted(_OPTIONS))}"
             )
         if "simulate_preemptions" in options:
-            options["simulate_preemptions"] = parse_simulation(options["simulate_preemptions"])
+            seconds, nodes = parse_simulation(options["simulate_preemptions"])
+            options["simulate_preemptions"] = seconds
+            options.setdefault("simulate_nodes", nodes)
+        if "simulate_capacity" in options:
+            options["simulate_capacity"] = parse_capacity(options["simulate_capacity"])
         if isinstance(args, str):  # tuple("--lr 1") would be its characters
             raise UsageError(f"args must be a list of strings, got {args!r}")
         self._engine = Engine(home=home, echo=echo)

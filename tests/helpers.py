@@ -163,3 +163,23 @@ def unreachable_s3_store(**overrides: Any) -> Any:
         "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
     }
     return CheckpointStore("s3://bucket/run", storage_options=options, **{"backoff_s": 0.01, **overrides})
+
+
+def run_tree(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` to its end; on a timeout, kill it with every descendant. torchrun starts its
+    workers in sessions of their own: killing torchrun alone would leave them running (a hung
+    collective would then outlive the test)."""
+    import psutil
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{command[:4]}… still running after {timeout}s:\n{(out + err)[-3000:]}"
+        ) from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lightning_grid.checkpoints import COMPLETED_MARKER, CheckpointStore
-from lightning_grid.contract import Contract
+from lightning_grid.contract import ENV_NODE, Contract
 from lightning_grid.errors import StoreError
 from lightning_grid.launcher import artifacts
 from lightning_grid.launcher.events import Kind
 from lightning_grid.launcher.experiment import Outcome, classify
 from lightning_grid.launcher.layout import StoreLayout
+from lightning_grid.launcher.nodes import Rendezvous, torchrun_command
 from lightning_grid.launcher.notices import Notice, NoticeSource
 from lightning_grid.launcher.processes import kill_attempt_processes
 from lightning_grid.launcher.spec import Spec
-from lightning_grid.launcher.supervisor import AttemptResult, attempt_env, run_attempt
+from lightning_grid.launcher.supervisor import AttemptResult, Launch, attempt_env, run_attempt
 from lightning_grid.launcher.window import ShutdownWindow
 
 __all__ = ["Observer", "AttemptSetup", "AttemptReport", "run", "conclude", "steps_redone", "save_workdir"]
@@ -62,6 +64,13 @@ class AttemptSetup:
     experiment_id: str | None = None  # the store folder must belong to this experiment
     last_checkpoint_step: int | None = None  # the newest checkpoint the story knows was committed
     echo: bool = True
+    # Multi-node (or several processes per node): where the torchrun agents meet, and which of the
+    # experiment's nodes run here (all of them under the local engine; one under an agent).
+    rendezvous: Rendezvous | None = None
+    nodes: tuple[int, ...] = (0,)
+    # The machine that owns the execution directory (node 0). The others restore it but never
+    # capture or save it: one writer per store folder.
+    primary: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,10 @@ class AttemptReport:
     synced_after_notice_s: float | None
     sync_s: float | None  # None: the sync failed
     seconds: float
+    # Multi-node: how each node's process ended ({node, pid, exit_code, noticed, lost}), and the
+    # node the notice reached (None: all of them, or a single machine).
+    nodes: tuple[dict[str, Any], ...] = ()
+    notice_node: int | None = None
 
 
 def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer) -> AttemptReport:
@@ -141,10 +154,11 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
             observer.emit(Kind.PLAN, f"shutdown plan {value}: {why}", plan=value, window_s=window_s)
         observer.interrupting(notice, window_s)
 
+    env = attempt_env(contract, setup.devices)
     result = run_attempt(
-        list(setup.command),
+        _launches(setup, env) if setup.rendezvous is not None else list(setup.command),
         cwd=setup.workdir,
-        env=attempt_env(contract, setup.devices),
+        env=env,
         log_path=setup.log_path,
         notices=sources,
         grace_period=spec.grace_period,
@@ -161,14 +175,16 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
         published = f"publishing the spooled checkpoint failed: {_one_line(exc)}"
     if published is not None:
         observer.emit(Kind.PUBLISHED, published)
-    stragglers = kill_attempt_processes(spec.name, setup.number, layout.checkpoints)
+    stragglers = kill_attempt_processes(
+        spec.name, setup.number, layout.checkpoints, setup.nodes if setup.rendezvous is not None else None
+    )
     if stragglers:
         observer.emit(
             Kind.WARNING,
             f"{stragglers} process(es) of the attempt outlived it (they left its process group): killed",
             processes=stragglers,
         )
-    sync_s = save_workdir(setup.workdir, layout, observer)
+    sync_s = save_workdir(setup.workdir, layout, observer) if setup.primary else None
     marker, completed = _markers(store, observer)
     outcome, reason = conclude(result, marker, completed, spec.resumable, spec.grace_period)
     if outcome is Outcome.FAILED:
@@ -215,9 +231,33 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
         synced_after_notice_s=synced_after,
         sync_s=sync_s,
         seconds=result.seconds,
+        nodes=tuple({**n.__dict__, "node": setup.nodes[n.node]} for n in result.nodes),
+        notice_node=setup.nodes[result.notice.node]
+        if result.notice is not None and result.notice.node is not None and len(setup.nodes) > 1
+        else None,
     )
     observer.emit(Kind.ENDED, f"ended: {reason}", **_fields(report))
     return report
+
+
+def _launches(setup: AttemptSetup, env: dict[str, str]) -> list[Launch]:
+    """One torchrun agent per node run here. Each node's processes carry its number, and on a
+    machine with GPUs each local node gets its own share of them."""
+    assert setup.rendezvous is not None
+    python = setup.spec.python or sys.executable
+    devices = (setup.devices or "").split(",") if setup.devices else []
+    per_node = setup.rendezvous.nproc_per_node
+    launches = []
+    for position, node in enumerate(setup.nodes):
+        node_env = {**env, ENV_NODE: str(node)}
+        share = devices[position * per_node : (position + 1) * per_node]
+        if len(setup.nodes) > 1 and len(share) == per_node:
+            node_env["CUDA_VISIBLE_DEVICES"] = ",".join(share)
+        command = torchrun_command(
+            python, setup.command, setup.rendezvous, shutdown_timeout=setup.spec.grace_period
+        )
+        launches.append(Launch(command, node_env, torchrun=True))
+    return launches
 
 
 def _markers(store: CheckpointStore, observer: Observer) -> tuple[dict[str, Any] | None, bool]:
@@ -299,7 +339,7 @@ def _restore(setup: AttemptSetup, observer: Observer) -> None:
         observer.emit(
             Kind.RESTORED, f"execution directory restored ({stats.describe()})", seconds=stats.seconds
         )
-    else:
+    elif setup.primary:
         stats = artifacts.upload(setup.workdir, execdir)
         observer.emit(
             Kind.CAPTURED, f"execution directory captured ({stats.describe()})", seconds=stats.seconds
@@ -338,6 +378,21 @@ def conclude(
     noticed = result.notice is not None and result.notice.source != "user"
     if noticed and result.exit_code == 0 and marker is None and completed:
         noticed = False  # training had finished and the script ended on its own: a success
+    if result.notice is None and not result.stopped:
+        if result.lost_node is not None:
+            # A machine gone without notice: a preemption the cloud did not announce. The others
+            # could not cut a checkpoint without it; the newest committed one is the resume point.
+            return Outcome.KILLED, (
+                f"node {result.lost_node} lost without notice (exit {result.nodes[result.lost_node].exit_code});"
+                " the other nodes were stopped"
+            )
+        if result.failed_node is not None:
+            code = result.nodes[result.failed_node].exit_code
+            return Outcome.FAILED, f"node {result.failed_node} exited {code}; the other nodes were stopped"
+        if result.exit_code == 0 and marker is not None and not completed:
+            # The script saved and left on a signal this launcher did not send: another node's
+            # notice (its ranks told ours through the collective), or a scheduler's SIGTERM.
+            noticed = True
     outcome = classify(result.exit_code, noticed, result.killed_after_grace, resumable, result.stopped)
     if outcome is Outcome.PREEMPTED:
         redo = steps_redone(outcome, marker)

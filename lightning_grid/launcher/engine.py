@@ -29,6 +29,7 @@ from lightning_grid.launcher import artifacts, attempt, instances, slurm
 from lightning_grid.launcher.events import Kind
 from lightning_grid.launcher.experiment import Budgets, Outcome, Status, decide
 from lightning_grid.launcher.layout import StoreLayout, new_id
+from lightning_grid.launcher.nodes import Rendezvous, free_port
 from lightning_grid.launcher.notices import LauncherSignals, Notice, cloud_notices, notice_sources
 from lightning_grid.launcher.processes import kill_attempt_processes
 from lightning_grid.launcher.registry import ExperimentRow, Registry
@@ -216,10 +217,9 @@ class Engine:
         with self._lock(name):
             row = self.registry.get(name)
             if row.status is Status.FAILED and row.spec.backend == "slurm":
-                raise UsageError(
-                    f"experiment {name!r} has failed; a failed SLURM experiment cannot be resumed yet:"
-                    " submit it again under another --name"
-                )
+                self.registry.clear_stop(name)
+                slurm.resume_failed(self, row)  # a new SLURM job continues from the checkpoints
+                return slurm.follow(self, name)
             if row.status is Status.FAILED:
                 # The user asks for it, after fixing what failed (space freed, a bug fixed): its
                 # committed checkpoints are still there to continue from. A stop asked for earlier
@@ -327,6 +327,7 @@ class Engine:
             self.say(
                 f"{instance.name} has {instance.gpus} {instance.gpu} GPU(s); this machine has none, running on CPU"
             )
+        waited = 0  # capacity checks that found too few machines (the simulation's next answer)
         while True:
             row = self.registry.get(name)
             if row.stop_requested:
@@ -342,6 +343,10 @@ class Engine:
             if row.status is Status.PENDING and not self._notice_cleared(name, spec, signals):
                 continue  # told to stop while waiting: the checks above act on it
             number = len(self.registry.attempts(name)) + 1
+            machines = self._machines(name, spec, row.status, number + waited)
+            if machines is None:
+                waited += 1
+                continue
             if row.status is Status.PENDING:
                 self.registry.transition(
                     name, Status.RESTORING, f"restoring for attempt {number}", attempt=number
@@ -359,10 +364,14 @@ class Engine:
                 experiment_id=row.id,
                 last_checkpoint_step=self._last_checkpoint_step(name),
                 echo=self.echo,
+                rendezvous=_local_rendezvous(spec, name, number),
+                nodes=tuple(range(machines)),
             )
             try:
                 report = attempt.run(
-                    setup, notice_sources(spec, number, signals), _RegistryObserver(self, name, number)
+                    setup,
+                    notice_sources(spec, number, signals, setup.nodes),
+                    _RegistryObserver(self, name, number),
                 )
             except StoreError as exc:
                 # The store did not answer before the script started: nothing ran, nothing is lost.
@@ -398,6 +407,30 @@ class Engine:
                 self.say(f"{name} is pending; continue it with: lightning-grid run --resume {name}")
                 return self.registry.get(name)
             self.say(f"{name}: {decision.reason}; relaunching")
+
+    def _machines(self, name: str, spec: Spec, status: Status, turn: int) -> int | None:
+        """How many machines the next attempt runs on: all of them, or what the capacity simulation
+        finds at this ``turn``. Too few (under ``--min-nodes``, or under all of them without it):
+        None, after a note and a pause, and the experiment waits where it is (queued or pending)."""
+        found = spec.num_nodes
+        if spec.simulate_capacity:
+            capacity = spec.simulate_capacity
+            found = capacity[turn - 1] if turn <= len(capacity) else spec.num_nodes  # it came back
+        need = spec.min_nodes or spec.num_nodes
+        if found >= need:
+            if found < spec.num_nodes:
+                self.registry.note(
+                    name,
+                    f"capacity: {found} of {spec.num_nodes} machines; going on short-handed (--min-nodes {need})",
+                )
+            return found
+        self.registry.note(
+            name,
+            f"capacity: {found} of {spec.num_nodes} machines, at least {need} needed: waiting ({status.value})",
+        )
+        self.say(f"{name}: {found} of {spec.num_nodes} machines available; waiting for capacity")
+        time.sleep(1.0)
+        return None
 
     def _notice_cleared(self, name: str, spec: Spec, signals: LauncherSignals, poll_s: float = 2.0) -> bool:
         """One notice is one preemption: while this machine's own interruption notice stands, a
@@ -482,3 +515,17 @@ def _check_url(url: str) -> None:
         raise UsageError(
             f"unknown or unavailable scheme {protocol!r} in --artifacts {url!r}: {exc}"
         ) from None
+
+
+def _local_rendezvous(spec: Spec, name: str, number: int) -> Rendezvous | None:
+    """Every node on this machine: torchrun agents meeting on the loopback interface (c10d, hosted
+    by whichever binds the port first). None for a single process, which runs without torchrun."""
+    if not spec.distributed:
+        return None
+    return Rendezvous(
+        endpoint=f"127.0.0.1:{free_port()}",
+        run_id=f"{name}-{number}",
+        num_nodes=spec.num_nodes,
+        nproc_per_node=spec.nproc_per_node,
+        min_nodes=spec.min_nodes,
+    )

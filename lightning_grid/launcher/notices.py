@@ -11,12 +11,13 @@ import email.utils
 import json
 import logging
 import os
+import random
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -45,6 +46,7 @@ class Notice:
     source: str
     reason: str
     deadline: float | None = None  # monotonic time
+    node: int | None = None  # the one node it reaches (multi-node); None: all of this launcher's
 
 
 class NoticeSource(Protocol):
@@ -54,14 +56,20 @@ class NoticeSource(Protocol):
 class SimulatedPreemption:
     """The local spot simulator: a notice ``after_s`` seconds into the attempt."""
 
-    def __init__(self, after_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, after_s: float | None, clock: Callable[[], float] = time.monotonic, node: int | None = None
+    ) -> None:
         self.after_s = after_s
         self.clock = clock
         self.start = clock()
+        self.node = node
 
     def poll(self) -> Notice | None:
         if self.after_s is not None and self.clock() - self.start >= self.after_s:
-            return Notice("simulator", f"simulated spot interruption after {self.after_s:g}s")
+            where = f" of node {self.node}" if self.node is not None else ""
+            return Notice(
+                "simulator", f"simulated spot interruption{where} after {self.after_s:g}s", node=self.node
+            )
         return None
 
 
@@ -340,10 +348,32 @@ def cloud_notices(
     return found
 
 
-def notice_sources(spec: Any, number: int, signals: NoticeSource) -> list[NoticeSource]:
+def notice_sources(
+    spec: Any, number: int, signals: NoticeSource, nodes: Sequence[int] = (0,)
+) -> list[NoticeSource]:
     """Everything that can interrupt attempt ``number`` of an experiment with this spec (a
-    :class:`~lightning_grid.launcher.spec.Spec`): the simulator on spot capacity, the launcher's
-    own signals, and the cloud's metadata service."""
+    :class:`~lightning_grid.launcher.spec.Spec`) on the ``nodes`` run here: the simulator on spot
+    capacity, the launcher's own signals, and the cloud's metadata service. A simulated notice for
+    a node that runs elsewhere is that machine's agent's to deliver."""
     simulated = spec.simulate_preemptions
     after = simulated[number - 1] if spec.use_spot and number - 1 < len(simulated) else None
-    return [SimulatedPreemption(after), signals, *cloud_notices(spec.cloud)]
+    target = simulated_node(spec, number, nodes)
+    position = None
+    if target is not None and target not in nodes:
+        after = None
+    elif target is not None and len(nodes) > 1:
+        position = nodes.index(target)
+    return [SimulatedPreemption(after, node=position), signals, *cloud_notices(spec.cloud)]
+
+
+def simulated_node(spec: Any, number: int, nodes: Sequence[int] | None = None) -> int | None:
+    """The node attempt ``number``'s simulated notice reaches: the one named (``N@S``), else one of
+    the attempt's ``nodes`` at random, as spot capacity is taken one machine at a time (seeded by
+    the experiment and attempt, so a story can be replayed). None on a single machine."""
+    if spec.num_nodes <= 1:
+        return None
+    named = spec.simulate_nodes
+    if number - 1 < len(named) and named[number - 1] >= 0:
+        return int(named[number - 1])
+    running = sorted(nodes) if nodes is not None and len(nodes) > 1 else list(range(spec.num_nodes))
+    return running[random.Random(f"{spec.name}/{number}").randrange(len(running))]

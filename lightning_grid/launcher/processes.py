@@ -12,16 +12,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Sequence
 
 import psutil
 
-from lightning_grid.contract import ENV_ATTEMPT, ENV_CHECKPOINTS, ENV_EXPERIMENT
+from lightning_grid.contract import ENV_ATTEMPT, ENV_CHECKPOINTS, ENV_EXPERIMENT, ENV_NODE
 
 __all__ = ["attempt_processes", "kill_attempt_processes"]
 
 
-def attempt_processes(experiment: str | None, attempt: int, checkpoints: str) -> list[psutil.Process]:
-    """The live processes (of this user) whose environment names this attempt."""
+def attempt_processes(
+    experiment: str | None, attempt: int, checkpoints: str, nodes: Sequence[int] | None = None
+) -> list[psutil.Process]:
+    """The live processes (of this user) whose environment names this attempt; with ``nodes``,
+    only those of these nodes (two agents of one job on one machine each reap their own)."""
     wanted = {ENV_EXPERIMENT: experiment or "", ENV_ATTEMPT: str(attempt), ENV_CHECKPOINTS: checkpoints}
     me = os.getpid()
     found = []
@@ -32,15 +36,19 @@ def attempt_processes(experiment: str | None, attempt: int, checkpoints: str) ->
             env = proc.environ()
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
             continue
-        if all(env.get(k) == v for k, v in wanted.items()):
+        if all(env.get(k) == v for k, v in wanted.items()) and (
+            nodes is None or env.get(ENV_NODE) in {str(n) for n in nodes}
+        ):
             found.append(proc)
     return found
 
 
-def kill_attempt_processes(experiment: str | None, attempt: int, checkpoints: str) -> int:
+def kill_attempt_processes(
+    experiment: str | None, attempt: int, checkpoints: str, nodes: Sequence[int] | None = None
+) -> int:
     """SIGKILL what is left of an attempt (its group's SIGTERM and grace period are over). Returns
     how many processes were killed."""
-    procs = attempt_processes(experiment, attempt, checkpoints)
+    procs = attempt_processes(experiment, attempt, checkpoints, nodes)
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.send_signal(signal.SIGKILL)

@@ -330,6 +330,17 @@ class Registry:
     def note(self, name: str, message: str) -> None:
         self.record(name, Kind.NOTE, message)
 
+    def update_spec(self, name: str, spec: Spec, message: str) -> None:
+        """A resumed experiment's new capacity (nodes, processes), with the event that says so."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "UPDATE experiments SET spec=?, updated=? WHERE name=?", (spec.to_json(), time.time(), name)
+            )
+            _insert_event(db, name, time.time(), Kind.NOTE, message, None, None, None, {})
+            _changed(db)
+            db.execute("COMMIT")
+
     def request_stop(self, name: str) -> None:
         with self._connect() as db:
             db.execute("UPDATE experiments SET stop_requested=1 WHERE name=?", (name,))

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from lightning_grid.launcher import instances
+from lightning_grid.launcher.events import Kind
 from lightning_grid.launcher.registry import Registry
 
 __all__ = ["describe"]
@@ -31,12 +32,16 @@ def describe(registry: Registry, name: str) -> dict[str, Any]:
     attempts = registry.attempts(name)
     events = registry.events(name)
     running = sum((a.ended or a.started) - a.started for a in attempts if a.ended)
+    ended = {e.attempt: e.data for e in events if e.kind == Kind.ENDED.value and e.attempt is not None}
+    machines = {a.number: max(1, len(ended.get(a.number, {}).get("nodes") or ())) for a in attempts}
+    # Each machine of a multi-node attempt is billed for the attempt's whole duration.
+    node_running = sum(((a.ended or a.started) - a.started) * machines[a.number] for a in attempts if a.ended)
     saving = sum((a.ended - a.notice_at) for a in attempts if a.ended and a.notice_at)
     pending = _spans(events, "pending", {"restoring", "failed", "stopped"})
     restoring = _spans(events, "restoring", {"running", "failed", "stopped"})
     spec = row.spec
     instance = instances.lookup(spec.instance_type)
-    hours = running / 3600
+    hours = node_running / 3600
     price = instance.spot if spec.use_spot else instance.on_demand
     return {
         "name": row.name,
@@ -68,6 +73,8 @@ def describe(registry: Registry, name: str) -> dict[str, Any]:
                 "notice_at": a.notice_at,
                 "checkpoint_step": a.checkpoint_step,
                 "steps_redone": a.steps_redone,
+                "nodes": [_node_row(n) for n in ended.get(a.number, {}).get("nodes") or ()],
+                "notice_node": ended.get(a.number, {}).get("notice_node"),
             }
             for a in attempts
         ],
@@ -86,6 +93,7 @@ def describe(registry: Registry, name: str) -> dict[str, Any]:
         "bill": {
             "attempts": len(attempts),
             "seconds_running": round(running, 3),
+            "node_seconds_running": round(node_running, 3),
             "seconds_pending": round(pending, 3),
             "seconds_saving_after_notice": round(saving, 3),
             "seconds_restoring": round(restoring, 3),
@@ -100,3 +108,17 @@ def describe(registry: Registry, name: str) -> dict[str, Any]:
             "cost_spot_usd": round(hours * instance.spot, 4),
         },
     }
+
+
+def _node_row(node: dict[str, Any]) -> dict[str, Any]:
+    """One machine of an attempt: its process, how it ended, and whether the notice reached it."""
+    code = node.get("exit_code")
+    if node.get("lost"):
+        outcome = "lost (no notice)"
+    elif node.get("noticed"):
+        outcome = "noticed"
+    elif node.get("stopped"):
+        outcome = "stopped (a peer could not go on)"
+    else:
+        outcome = "ok" if code == 0 else "stopped" if code is not None and code < 0 else "failed"
+    return {"node": node.get("node"), "pid": node.get("pid"), "exit_code": code, "outcome": outcome}

@@ -20,6 +20,11 @@ a node that died, a time limit) is settled as *killed* and requeued when the bud
 Why the agent runs as a job step (``srun``) and not as the batch shell itself: SLURM delivers the
 preemption's SIGTERM (at the start of the partition's ``GraceTime``) to the job's steps, never to
 the batch shell; the batch shell hears only the final SIGTERM/SIGKILL, ``KillWait`` seconds apart.
+
+Several nodes (``--nodes N``): the step is one agent per node, each placed by SLURM's variables
+(:func:`lightning_grid.launcher.cluster.placement`, the head through :func:`node_addresses`) and
+running torchrun's static rendezvous at node 0, whose agent is the primary. A preemption requeues
+the whole job, so every run of it is again one attempt on all its nodes.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from lightning_grid.errors import LightningGridError, StoreError, UsageError
 from lightning_grid.launcher.events import Event, Kind, StoreEventLog
 from lightning_grid.launcher.experiment import Status, can_transition
 from lightning_grid.launcher.registry import ExperimentRow
-from lightning_grid.launcher.spec import Spec, options
+from lightning_grid.launcher.spec import Spec, options, simulation_text
 
 if TYPE_CHECKING:
     from lightning_grid.launcher.engine import Engine
@@ -53,6 +58,7 @@ __all__ = [
     "job_id",
     "job_state",
     "node_window",
+    "node_addresses",
     "requeue",
 ]
 
@@ -121,6 +127,17 @@ def node_window(partition: str | None) -> float:
     return 30.0
 
 
+def node_addresses(nodelist: str) -> list[str]:
+    """A job's nodes (``SLURM_JOB_NODELIST``) as addresses the other nodes can reach, in SLURM's
+    order: each node's ``NodeAddr`` (which defaults to its name), so a cluster whose node names
+    resolve nowhere (the test cluster's ``lg[1-2]`` on 127.0.0.1) still gives a usable head."""
+    hosts = _run(["scontrol", "show", "hostnames", nodelist], "node list").split()
+    if not hosts:
+        return []
+    head = _fields(_run(["scontrol", "show", "node", hosts[0], "-o"], f"node {hosts[0]}"))
+    return [head.get("NodeAddr") or hosts[0], *hosts[1:]]
+
+
 def requeue(job: str, delay_s: float = 0.0) -> str:
     """Put the job back in the queue (a crash retry, or a job SLURM did not requeue itself), not
     before ``delay_s`` from now. A job SLURM is already requeueing (a preemption) answers "pending
@@ -149,8 +166,11 @@ def _sbatch_options(spec: Spec, name: str, output: str) -> list[str]:
         "--requeue",  # preemption and node failure put the job back in the queue, never drop it
         "--open-mode=append",  # each requeued run appends to the same output file
         f"--output={output}",
-        "--nodes=1",
-        "--ntasks=1",
+        *(  # one agent per node: each starts its node's torchrun
+            [f"--nodes={spec.num_nodes}", "--ntasks-per-node=1"]
+            if spec.num_nodes > 1
+            else ["--nodes=1", "--ntasks=1"]
+        ),
     ]
     for flag, value in (("partition", spec.partition), ("gres", spec.gres), ("time", spec.time_limit),
                         ("account", spec.account)):  # fmt: skip
@@ -174,7 +194,7 @@ def _agent_argv(row: ExperimentRow, home: str, workdir: str) -> list[str]:
         if info.is_flag:
             argv += [flag] if value else []
         elif info.name == "simulate_preemptions":
-            argv += [flag, ",".join(repr(v) for v in value)] if value else []
+            argv += [flag, simulation_text(spec)] if value else []
         elif value is not None:
             argv += [flag, repr(value) if isinstance(value, float) else str(value)]
     return [*argv, "--", spec.python or sys.executable, spec.script, *spec.args]
@@ -187,18 +207,37 @@ def batch_script(row: ExperimentRow, home: str) -> str:
     output = os.path.join(home, "runs", row.name, "slurm-%j.out")
     workdir = f"${{SLURM_TMPDIR:-${{TMPDIR:-/tmp}}}}/lightning-grid-{row.name}-$SLURM_JOB_ID"
     agent = " ".join(shlex.quote(a) for a in _agent_argv(row, home, "@WORKDIR@"))
-    agent = agent.replace("@WORKDIR@", f'"{workdir}"')
-    step = ["srun", "--ntasks=1", "--nodes=1", "--kill-on-bad-exit=1"]
-    if spec.gres:
-        step.append(f"--gres={spec.gres}")
     header = "\n".join(f"#SBATCH {o}" for o in _sbatch_options(spec, row.name, output))
-    return (
+    intro = (
         "#!/bin/bash\n"
         f"# lightning-grid experiment {row.name}: written by `lightning-grid run --backend slurm`.\n"
         f"{header}\n"
-        f'rm -rf "{workdir}"\n'
-        "# The agent runs as a job step: SLURM sends a preemption's SIGTERM to steps, not to this shell.\n"
-        f"exec {' '.join(step)} {agent}\n"
+    )
+    gres = [f"--gres={spec.gres}"] if spec.gres else []
+    if spec.num_nodes == 1:
+        agent = agent.replace("@WORKDIR@", f'"{workdir}"')
+        step = ["srun", "--ntasks=1", "--nodes=1", "--kill-on-bad-exit=1", *gres]
+        return (
+            f"{intro}"
+            f'rm -rf "{workdir}"\n'
+            "# The agent runs as a job step: SLURM sends a preemption's SIGTERM to steps, not to this shell.\n"
+            f"exec {' '.join(step)} {agent}\n"
+        )
+    # Several nodes: one agent per node, each with its own execution directory (named by its node,
+    # which SLURM tells each task: nodes may share a disk, the test cluster's two share a machine).
+    # No --kill-on-bad-exit: the other nodes exit with the primary's decision, and a node ending
+    # first (75 after a preemption) must not kill the primary before it has decided and requeued.
+    # The rendezvous port is the job's own, the same in every run of it (MASTER_PORT overrides).
+    node_dir = f"{workdir}-node$SLURM_NODEID"
+    node_agent = agent.replace("@WORKDIR@", f'"{node_dir}"')
+    per_node = f'rm -rf "{node_dir}" && exec {node_agent}'
+    step = ["srun", f"--nodes={spec.num_nodes}", f"--ntasks={spec.num_nodes}", "--ntasks-per-node=1",
+            "--kill-on-bad-exit=0", *gres]  # fmt: skip
+    return (
+        f"{intro}"
+        "export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}\n"
+        "# The agents run as a job step: SLURM sends a preemption's SIGTERM to steps, not to this shell.\n"
+        f"exec {' '.join(step)} /bin/sh -c {shlex.quote(per_node)}\n"
     )
 
 
@@ -240,6 +279,30 @@ def submit(engine: Engine, row: ExperimentRow) -> str:
     )
     engine.say(f"{row.name}: SLURM job {job} (partition {row.spec.partition or 'default'})")
     return job
+
+
+def resume_failed(engine: Engine, row: ExperimentRow) -> str:
+    """The user's word to continue a failed experiment (the cause fixed: space freed, a bug
+    fixed): the agents' story in the store gets the decision first (they replay their budgets
+    from it, and a "failed" story would make the next agent refuse), then a new job is submitted.
+    Its committed checkpoints are still there to continue from."""
+    why = "resumed by the user after it failed"
+    StoreEventLog(row.layout).emit(
+        Event(
+            Kind.DECISION.value,
+            why,
+            data={
+                "status": Status.PENDING.value,
+                "relaunch": True,
+                "restarts": row.restarts,
+                "failures": row.failures,
+                "retry_at": None,
+                "delay_s": 0.0,
+            },
+        )  # fmt: skip
+    )
+    engine.registry.transition(row.name, Status.PENDING, why)
+    return submit(engine, engine.registry.get(row.name))
 
 
 def job_id(engine: Engine, name: str) -> str | None:

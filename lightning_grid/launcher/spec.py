@@ -22,6 +22,8 @@ __all__ = [
     "OptionInfo",
     "options",
     "parse_simulation",
+    "simulation_text",
+    "parse_capacity",
     "CLOUDS",
     "NAME_PATTERN",
     "validate_name",
@@ -83,7 +85,20 @@ class Spec:
         None, "fsspec URL of the artifact store. Default: under LIGHTNING_GRID_HOME.", metavar="URL"
     )
     simulate_preemptions: tuple[float, ...] = _opt(
-        (), "S1,S2,...: attempt k gets a spot notice after S_k seconds.", agent=True, metavar="S1,S2,..."
+        (),
+        "S1,S2,...: attempt k gets a spot notice after S_k seconds; N@S: on node N only (multi-node;"
+        " default: one node at random, as spot takes them).",
+        agent=True,
+        metavar="[N@]S1,...",
+    )
+    #: The node each simulated notice targets (-1: one at random), parallel to simulate_preemptions;
+    #: written as ``N@S`` in the same option.
+    simulate_nodes: tuple[int, ...] = _opt((), "Nodes of the simulated notices.", cli=False, agent=True)
+    simulate_capacity: tuple[int, ...] = _opt(
+        (),
+        "C1,C2,...: with --num-nodes, attempt k finds only C_k machines (spot capacity that comes back"
+        " short); it waits in pending for more, or goes on with --min-nodes.",
+        metavar="C1,C2,...",
     )
     grace_period: float = _opt(
         120.0, "Seconds from a notice to SIGKILL when the notice names no deadline.", agent=True, minimum=0.0
@@ -116,7 +131,32 @@ class Spec:
         "With --backend slurm: the partition (e.g. a preemptible one). Default: the cluster's.",
         metavar="NAME",
     )
-    nodes: int = _opt(1, "With --backend slurm: nodes per attempt (only 1 for now).", minimum=1, metavar="N")
+    num_nodes: int = _opt(
+        1,
+        "Machines per attempt (a torchrun agent on each; locally: agents on 127.0.0.1).",
+        agent=True,
+        minimum=1,
+        metavar="N",
+        aliases=("--nodes",),
+        capacity=True,
+    )
+    nproc_per_node: int = _opt(
+        1,
+        "Training processes per machine (torchrun's --nproc-per-node; e.g. its GPU count).",
+        agent=True,
+        minimum=1,
+        metavar="P",
+        capacity=True,
+    )
+    min_nodes: int | None = _opt(
+        None,
+        "Go on short-handed with at least this many machines (torchrun's --nnodes MIN:MAX) instead of"
+        " waiting for all. Default: all of --num_nodes.",
+        agent=True,
+        minimum=1,
+        metavar="N",
+        capacity=True,
+    )
     gres: str | None = _opt(
         None, "With --backend slurm: generic resources per node, e.g. gpu:1.", metavar="GRES"
     )
@@ -155,15 +195,30 @@ class Spec:
         if self.grace_period <= 0:
             raise UsageError(f"--grace-period must be > 0 seconds, got {self.grace_period:g}")
         if self.backend != "slurm":
-            given = [_flag(n) for n in _SLURM_ONLY if getattr(self, n) is not None] + (
-                ["--nodes"] if self.nodes != 1 else []
-            )
+            given = [_flag(n) for n in _SLURM_ONLY if getattr(self, n) is not None]
             if given:
                 raise UsageError(f"{given[0]} needs --backend slurm")
-        elif self.nodes > 1:
+        elif self.min_nodes is not None and self.min_nodes < self.num_nodes:
+            # A SLURM job starts with all its nodes or not at all: nothing to go short-handed on.
             raise UsageError(
-                f"--nodes {self.nodes}: the SLURM backend runs single-node jobs for now (multi-node comes with torchrun)"
+                f"--min-nodes {self.min_nodes}: a SLURM job gets all its --num-nodes {self.num_nodes} nodes"
+                " or waits in the queue; the SLURM backend does not run short-handed"
             )
+        if self.min_nodes is not None and self.min_nodes > self.num_nodes:
+            raise UsageError(f"--min-nodes {self.min_nodes} is more than --num-nodes {self.num_nodes}")
+        for capacity in self.simulate_capacity:
+            if not 0 <= capacity <= self.num_nodes:
+                raise UsageError(
+                    f"--simulate-capacity {capacity}: between 0 and --num-nodes {self.num_nodes} machines"
+                )
+        if len(self.simulate_nodes) not in (0, len(self.simulate_preemptions)):
+            raise UsageError("simulate_nodes must give one node per simulated preemption")
+        for node in self.simulate_nodes:
+            if not -1 <= node < self.num_nodes:
+                raise UsageError(
+                    f"--simulate-preemptions names node {node}, but the experiment has"
+                    f" {self.num_nodes} node(s) (0..{self.num_nodes - 1})"
+                )
         for key in _SLURM_ONLY:
             value = getattr(self, key)
             if value is not None and (
@@ -188,6 +243,7 @@ class Spec:
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in data.items():
+            key = _RENAMED.get(key, key)
             if key not in known:
                 continue
             if isinstance(value, list):
@@ -201,6 +257,24 @@ class Spec:
     def command(self, python: str) -> list[str]:
         """The attempt's command line under the local launcher."""
         return [python, self.script, *self.args]
+
+    @property
+    def distributed(self) -> bool:
+        """Whether attempts run under torchrun (several machines, or several processes on one)."""
+        return self.num_nodes > 1 or self.nproc_per_node > 1
+
+    def capacity_changes(self, other: Spec) -> dict[str, Any]:
+        """The capacity options (nodes, processes) in which ``other`` differs from this spec: the
+        only ones a resumed experiment may change, since spot capacity may come back short."""
+        return {
+            f.name: getattr(other, f.name)
+            for f in fields(self)
+            if f.metadata.get("capacity") and getattr(other, f.name) != getattr(self, f.name)
+        }
+
+
+#: Fields renamed since a spec was first stored in a registry (old name → new name).
+_RENAMED = {"nodes": "num_nodes"}
 
 
 @dataclass(frozen=True)
@@ -234,9 +308,12 @@ def options(for_agent: bool = False) -> list[OptionInfo]:
             continue
         dashed, underscored = _flag(f.name), "--" + f.name
         flags = (underscored, dashed) if underscored != dashed else (dashed,)
+        flags = (*f.metadata.get("aliases", ()), *flags)
         annotation = str(f.type).split("|")[0].strip()
         kind = _KINDS.get(annotation, str)
         default = f.default if f.default is not MISSING else None
+        if f.name == "simulate_capacity":
+            kind, default = str, None  # "2,1" on the command line; parse_capacity reads it
         if f.name == "simulate_preemptions":
             kind, default = str, None  # "8,20" on the command line; parse_simulation reads it
         found.append(
@@ -264,23 +341,58 @@ def validate_name(name: str) -> str:
     return name
 
 
-def parse_simulation(text: str | Sequence[float] | None) -> tuple[float, ...]:
-    """``"8,20"`` → ``(8.0, 20.0)``: attempt k gets a simulated notice after the k-th value."""
+def parse_simulation(text: str | Sequence[float] | None) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """``"8,1@20"`` → ``((8.0, 20.0), (-1, 1))``: attempt k gets a simulated notice after the k-th
+    number of seconds, on the node before its ``@`` (-1: a node at random). Nodes are () when no
+    entry names one, so single-machine specs stay as they always were."""
+    if not text:
+        return (), ()
+    if not isinstance(text, str):
+        return tuple(float(v) for v in text), ()
+    seconds: list[float] = []
+    nodes: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        node, at, after = part.rpartition("@")
+        try:
+            seconds.append(float(after))
+            nodes.append(int(node) if at else -1)
+        except ValueError:
+            raise UsageError(
+                f"--simulate-preemptions must be seconds (or NODE@seconds) separated by commas, got {text!r}"
+            ) from None
+    if not seconds:
+        raise UsageError(f"--simulate-preemptions must be non-negative seconds, got {text!r}")
+    for value in seconds:
+        _check_number("--simulate-preemptions", value, 0.0)
+    for target in nodes:
+        if target < -1:
+            raise UsageError(f"--simulate-preemptions: node {target} must be >= 0, got {text!r}")
+    return tuple(seconds), (tuple(nodes) if any(n >= 0 for n in nodes) else ())
+
+
+def parse_capacity(text: str | Sequence[int] | None) -> tuple[int, ...]:
+    """``"2,1"`` → ``(2, 1)``: machines each attempt finds (simulated)."""
     if not text:
         return ()
     if not isinstance(text, str):
-        return tuple(float(v) for v in text)
+        return tuple(int(v) for v in text)
     try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
+        return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise UsageError(
-            f"--simulate-preemptions must be seconds separated by commas, got {text!r}"
+            f"--simulate-capacity must be machine counts separated by commas, got {text!r}"
         ) from None
-    if not values:
-        raise UsageError(f"--simulate-preemptions must be non-negative seconds, got {text!r}")
-    for value in values:
-        _check_number("--simulate-preemptions", value, 0.0)
-    return values
+
+
+def simulation_text(spec: Spec) -> str:
+    """The inverse of :func:`parse_simulation`, for a command line (the agent's, SLURM's)."""
+    nodes = spec.simulate_nodes or (-1,) * len(spec.simulate_preemptions)
+    return ",".join(
+        (f"{node}@" if node >= 0 else "") + repr(after)
+        for after, node in zip(spec.simulate_preemptions, nodes, strict=True)
+    )
 
 
 def _check_type(name: str, flag: str, annotation: str, value: Any) -> None:

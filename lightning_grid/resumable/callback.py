@@ -54,7 +54,7 @@ from lightning_grid.errors import (
     StoreUnreachableError,
     StoreWriteError,
 )
-from lightning_grid.resumable import _lightning, rng
+from lightning_grid.resumable import _lightning, reshard, rng
 from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable, shield_workers
 from lightning_grid.resumable.signals import SignalFlag, guard
 from lightning_grid.shutdown import Plan, ShutdownNotice, read_notice
@@ -366,19 +366,27 @@ class Resumable(Callback):
             log.info("lightning_grid: resuming from %s (step %d, %s)", location, record.step, record.reason)
 
     def _rank_state(self, trainer: pl.Trainer, state: dict[str, Any]) -> dict[str, Any] | None:
+        """This rank's part of the checkpoint.
+
+        Written by a world of another size (spot capacity came back short, or larger), there is no
+        "own" part: the RNG is chosen by :func:`reshard.rng_for_rank`, the logger's place is rank
+        0's, and each train loader gets every old rank's position, to re-shard the rest of the
+        epoch when the loader is built (:meth:`_make_loader`).
+        """
         ranks = state.get("ranks")
         if not ranks:
             return None
-        if len(ranks) != trainer.world_size:
-            if trainer.is_global_zero:
-                log.warning(
-                    "lightning_grid: the checkpoint was written by %d processes, this run has %d: the model and"
-                    " optimizer resume, the data order and RNG do not",
-                    len(ranks),
-                    trainer.world_size,
-                )
-            return None
-        return dict(ranks[trainer.global_rank])
+        if len(ranks) == trainer.world_size:
+            return dict(ranks[trainer.global_rank])
+        first = ranks[0]
+        return {
+            "rng": reshard.rng_for_rank([r["rng"] for r in ranks], trainer.global_rank),
+            "loaders": [{"resize": [r["loaders"][i] for r in ranks]} for i in range(len(first["loaders"]))],
+            "logged_step": first["logged_step"],
+            "logger_versions": first.get("logger_versions", []),
+            "val_iterated": False,  # an exact-replay correction: nothing is replayed exactly here
+            "resized_from": len(ranks),
+        }
 
     @staticmethod
     def _check_same_model(
@@ -422,6 +430,9 @@ class Resumable(Callback):
             # never for training steps.
             self._final_rng = mine.get("rng")
             return
+        if mine.get("resized_from") and not self._loader_states:
+            self._resize_fallback(int(mine["resized_from"]), "no train loader position was saved")
+            return
         self._resume_rng = mine.get("rng")
         # Persistent validation workers already existed in the interrupted process (made during the
         # sanity check, which a resumed fit skips): creating them again here draws one base seed
@@ -449,9 +460,53 @@ class Resumable(Callback):
         wrapped = ResumableLoader(loader, self._signal_numbers)
         index = len(self._loaders)
         self._loaders.append(wrapped)
-        if self._loader_states is not None and index < len(self._loader_states):
-            wrapped.load_position_state(self._loader_states[index])
+        states = self._loader_states
+        if states is not None and index < len(states):
+            if "resize" in states[index]:
+                self._reshard_loader(wrapped, states[index]["resize"], len(states))
+            else:
+                rank = self._trainer_ref.global_rank if self._trainer_ref is not None else None
+                wrapped.load_position_state(states[index], rank=rank)
         return wrapped
+
+    def _reshard_loader(self, loader: ResumableLoader, old: list[dict[str, Any]], loaders: int) -> None:
+        """The checkpoint was cut by ``len(old)`` processes: give this rank its share of the rest of
+        the interrupted epoch (every remaining sample trained once across the new world, the same
+        number of batches on every rank), or say why not and restart the epoch's data as before."""
+        trainer = self._trainer_ref
+        assert trainer is not None
+        try:
+            if loaders != 1:
+                raise reshard.CannotReshard(
+                    f"the checkpoint has {loaders} train loaders; one can be re-sharded"
+                )
+            accumulate = (
+                trainer.accumulate_grad_batches if trainer.lightning_module.automatic_optimization else 1
+            )
+            plan = reshard.plan_resize(
+                loader, old, trainer.world_size, trainer.global_rank, trainer.limit_train_batches, accumulate
+            )
+        except reshard.CannotReshard as exc:
+            self._resize_fallback(len(old), str(exc))
+            return
+        loader.load_resharded(plan.batches, plan.order)
+        reshard.shift_epoch_progress(trainer, plan.offset)
+        if trainer.is_global_zero:
+            log.info("%s", plan.message(len(old), trainer.world_size))
+
+    def _resize_fallback(self, old_world: int, reason: str) -> None:
+        """A checkpoint of another world size that cannot be re-sharded: the model, optimizer and
+        loops resume; the epoch's data restarts from its beginning and the RNG is not restored."""
+        self._resume_rng = None
+        trainer = self._trainer_ref
+        if trainer is not None and trainer.is_global_zero:
+            log.warning(
+                "lightning_grid: the checkpoint was written by %d processes, this run has %d: the model and"
+                " optimizer resume, the data order and RNG do not (%s)",
+                old_world,
+                trainer.world_size,
+                reason,
+            )
 
     # -- training ----------------------------------------------------------------------------------
     @override
@@ -503,7 +558,7 @@ class Resumable(Callback):
         )
         plan = None
         if signalled:
-            plan = self._plan = self._plan or self._shutdown_plan()
+            plan = self._plan = self._plan or self._agreed_plan(trainer, self._shutdown_plan())
         if plan is not None and plan.plan is Plan.KEEP:
             # Nothing new is saved, so any batch end will do: leave at the next batch start.
             self._flag.set()
@@ -544,6 +599,26 @@ class Resumable(Callback):
         if notice.plan is not Plan.FULL:
             log.info("lightning_grid: %s", notice.reason or f"shutdown plan: {notice.plan.value}")
         return notice
+
+    @staticmethod
+    def _agreed_plan(trainer: pl.Trainer, mine: ShutdownNotice) -> ShutdownNotice:
+        """One plan for every rank. The launcher's plan file is on the noticed machine only (other
+        nodes learn of the notice through the collective), so the shortest plan any rank read wins:
+        if one machine has no time for a save, nobody starts one (all ranks must take part in a
+        save, or none). Only rank 0 writes, so ``local`` versus ``full`` is rank 0's own choice."""
+        if not _distributed(trainer):
+            return mine
+        order = {Plan.KEEP: 0, Plan.LOCAL: 1, Plan.FULL: 2}
+        code = torch.tensor([order[mine.plan]], device=trainer.strategy.root_device)
+        agreed = int(trainer.strategy.reduce(code, reduce_op="min").item())
+        if agreed == 0 and mine.plan is not Plan.KEEP:
+            return ShutdownNotice(
+                Plan.KEEP,
+                deadline=mine.deadline,
+                window_s=mine.window_s,
+                reason="another node's notice leaves no time for a new save: the last checkpoint stays",
+            )
+        return mine
 
     def _has_fallback(self) -> bool:
         """Whether a run that saves nothing more still has a checkpoint to resume from (a write in
@@ -609,7 +684,11 @@ class Resumable(Callback):
         mine = {
             "rng": main_rng,
             # A final checkpoint is never trained from: no loader positions.
-            "loaders": [] if final else [ld.position_state(consumed, main_rng) for ld in self._loaders],
+            "loaders": []
+            if final
+            else [
+                ld.position_state(consumed, main_rng, trainer.num_training_batches) for ld in self._loaders
+            ],
             "logged_step": _lightning.logged_step(trainer),
             "logger_versions": [getattr(lg, "version", None) for lg in trainer.loggers],
             "val_iterated": self._val_iterated or self._cancel_val_worker_seed,
@@ -630,9 +709,11 @@ class Resumable(Callback):
         self._awaiting_flush = True
         if not trainer.is_global_zero:
             return
+        copies: list[Any] = []  # events the writer waits for: device → host copies in flight
         if copy_tensors:
-            # Training goes on and changes the live tensors: write a private copy.
-            checkpoint = _copy_tensors(checkpoint)
+            # Training goes on and changes the live tensors: write a private copy (device tensors
+            # are copied in stream order, without blocking: the step does not wait for them).
+            checkpoint = _copy_tensors(checkpoint, copies)
         self._logs_flushed.clear()
         self._write_error = None
         meta = {
@@ -647,7 +728,7 @@ class Resumable(Callback):
             store = self._spool = CheckpointStore(spool)
         self._writer = threading.Thread(
             target=self._write,
-            args=(store, checkpoint, step, reason, meta),
+            args=(store, checkpoint, step, reason, meta, copies),
             name="lightning_grid-checkpoint",
             daemon=True,
         )
@@ -660,8 +741,11 @@ class Resumable(Callback):
         step: int,
         reason: str,
         meta: dict[str, Any],
+        copies: Iterable[Any] = (),
     ) -> None:
         try:
+            for copied in copies:
+                copied.synchronize()  # the snapshot is complete before a byte of it is read
             record = store.save(checkpoint, step, reason=reason, meta=meta, before_commit=self._wait_for_logs)
             if store is self.store:
                 self.last_commit = record
@@ -908,11 +992,42 @@ def _distributed(trainer: pl.Trainer) -> bool:
     return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _copy_tensors(obj: Any) -> Any:
+#: Values that are never copied: immutable, and they cannot hold a tensor.
+_ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
+
+
+def _copy_tensors(obj: Any, copies: list[Any] | None = None) -> Any:
+    """A private host copy of every tensor in ``obj`` (through dicts, lists and tuples), for a
+    checkpoint that is written while training goes on and changes the live tensors.
+
+    With ``copies``, a CUDA tensor is copied into pinned host memory without blocking, in the
+    order of its device's current stream: the training step does not wait for the copy, and the
+    kernels it queues next (which change the tensor) run after it. One event per device is
+    appended to ``copies``; whoever reads the snapshot waits for them first. Without ``copies``
+    every copy is complete on return. Containers of plain values are not walked element by
+    element (a Python RNG state is a tuple of 625 ints): a tuple is kept, a list copied in one go.
+    """
+    devices: set[torch.device] | None = set() if copies is not None else None
+    snapshot = _copy_into(obj, devices)
+    if copies is not None and devices:
+        for device in devices:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(device))
+            copies.append(done)
+    return snapshot
+
+
+def _copy_into(obj: Any, devices: set[torch.device] | None) -> Any:
+    if type(obj) in _ATOMS:
+        return obj
     if isinstance(obj, torch.Tensor):
+        if devices is not None and obj.is_cuda:
+            devices.add(obj.device)
+            # non_blocking to the host: torch allocates the target pinned (cached, reused).
+            return obj.detach().to("cpu", non_blocking=True, copy=True)
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        copied = {k: _copy_tensors(v) for k, v in obj.items()}
+        copied = {k: v if type(v) in _ATOMS else _copy_into(v, devices) for k, v in obj.items()}
         if type(obj) is dict:
             return copied
         try:
@@ -920,9 +1035,16 @@ def _copy_tensors(obj: Any) -> Any:
         except TypeError:
             return copied
     if isinstance(obj, list):
-        return [_copy_tensors(v) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_copy_tensors(v) for v in obj)
+        if all(type(v) in _ATOMS for v in obj):
+            return list(obj)
+        return [_copy_into(v, devices) for v in obj]
+    if isinstance(obj, tuple):
+        if all(type(v) in _ATOMS for v in obj):
+            return obj
+        copied_items = [_copy_into(v, devices) for v in obj]
+        if hasattr(obj, "_make"):  # a namedtuple
+            return obj._make(copied_items)
+        return tuple(copied_items)
     return obj
 
 

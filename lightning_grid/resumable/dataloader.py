@@ -13,6 +13,9 @@ and Lightning's fetcher has already produced the next batch when a checkpoint is
   hand the producer of each re-built batch the exact state it had the first time;
 * keep batch ``b`` on worker ``b % num_workers`` so persistent workers end the epoch where they did.
 
+Each saved position also describes the epoch's order (:mod:`lightning_grid.resumable.reshard`), so
+that a relaunch on a different number of processes can re-shard the rest of the epoch.
+
 The user's loader is never iterated: we iterate an internal loader built from its attributes.
 """
 
@@ -29,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 
-from lightning_grid.resumable import rng
+from lightning_grid.resumable import reshard, rng
 
 __all__ = ["ResumableLoader", "can_make_resumable", "shield_workers"]
 
@@ -112,6 +115,14 @@ class _StampingCollate:
 
 
 @dataclass
+class _EpochOrder:
+    """An epoch whose batches are not the sampler's: the rest of an epoch re-sharded for this world."""
+
+    batches: list[list[int]]  # this rank's batches, in order
+    order: dict[str, Any]  # their description (reshard.all_batches rebuilds every rank's), with "offset"
+
+
+@dataclass
 class _Plan:
     """How the first iteration after a resume must run."""
 
@@ -122,6 +133,26 @@ class _Plan:
     base_rng: dict[str, Any] | None  # RNG state right before the base seed of the current workers
     position_rng: dict[int, dict[str, Any]] = field(default_factory=dict)  # num_workers == 0
     slot_rng: dict[int, dict[str, Any]] = field(default_factory=dict)  # num_workers > 0, by worker slot
+    sampler_epoch: int | None = None  # the sampler's set_epoch value in the interrupted epoch
+
+
+def _epoch_of(loader: Any) -> int | None:
+    """The epoch the loader's sampler was told (``set_epoch``), for samplers that have one."""
+    for owner in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        epoch = getattr(owner, "epoch", None)
+        if callable(getattr(owner, "set_epoch", None)) and isinstance(epoch, int):
+            return epoch
+    return None
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """``set_epoch`` on the loader's sampler and batch sampler, as Lightning does at an epoch's start."""
+    seen: set[int] = set()
+    for owner in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        set_epoch = getattr(owner, "set_epoch", None)
+        if callable(set_epoch) and id(owner) not in seen:
+            seen.add(id(owner))
+            set_epoch(epoch)
 
 
 class _ResumableBatchSampler:
@@ -144,11 +175,16 @@ class _ResumableBatchSampler:
         owner = self.owner
         plan = owner._active_plan
         first_call, owner._first_sampler_call = owner._first_sampler_call, False
+        if plan is not None and plan.sampler_epoch is not None:
+            # Lightning builds the resumed epoch's iterator before it calls set_epoch (its data
+            # set-up runs ahead of the epoch's start): the interrupted epoch's number goes first,
+            # or a DistributedSampler would replay epoch 0's shuffle.
+            _set_epoch(owner.loader, plan.sampler_epoch)
         if plan is None:
             if not first_call:
-                return self._batches(iter(self.inner), 0, None)
+                return self._batches(owner._epoch_iter(), 0, None)
             before = owner._capture_sampler_rng()
-            it = iter(self.inner)
+            it = owner._epoch_iter()
             owner._sampler_rng = before
             owner._recorded_fresh = owner._iteration_fresh
             if owner._iteration_fresh:
@@ -164,10 +200,10 @@ class _ResumableBatchSampler:
             # reproduces the base seed, the shuffle and everything in between.
             if first_call:
                 owner._restore_sampler_rng(plan.sampler_rng)
-            return self._batches(iter(self.inner), plan.start, None)
+            return self._batches(owner._epoch_iter(), plan.start, None)
         # The original reused persistent workers (no base seed drawn); this iteration starts new ones.
         owner._restore_sampler_rng(plan.sampler_rng)
-        it = iter(self.inner)
+        it = owner._epoch_iter()
         after_iter = owner._capture_sampler_rng()
         if plan.base_rng is not None:
             owner._restore_sampler_rng(plan.base_rng)  # same base seed as the original workers
@@ -213,6 +249,8 @@ class ResumableLoader:
         self._workers_alive = False
         self._active_plan: _Plan | None = None
         self._pending_plan: _Plan | None = None
+        self._pending_order: _EpochOrder | None = None
+        self._order: _EpochOrder | None = None  # this iteration's, when not the sampler's
         self._pending_slot_rng: dict[int, dict[str, Any]] = {}
         self._sampler_rng: dict[str, Any] | None = None
         self._base_rng: dict[str, Any] | None = None
@@ -258,6 +296,7 @@ class ResumableLoader:
         plan = self._pending_plan
         self._pending_plan = None
         self._active_plan = plan
+        self._order, self._pending_order = self._pending_order, None
         self._stamps.clear()
         self._received = -1
         self._iteration_fresh = not (self._persistent and self._workers_alive)
@@ -285,6 +324,12 @@ class ResumableLoader:
             if item.position >= first_yield:
                 yield item.batch
         self._active_plan = None
+
+    def _epoch_iter(self) -> Iterator[list[int]]:
+        """The index batches of this iteration: the user's batch sampler's, or a re-sharded epoch's."""
+        if self._order is not None:
+            return iter([list(batch) for batch in self._order.batches])
+        return iter(self._batch_sampler.inner)
 
     # -- RNG bookkeeping ---------------------------------------------------------------------------
     def _generators(self) -> list[torch.Generator]:
@@ -326,18 +371,30 @@ class ResumableLoader:
         return self._pending_slot_rng.pop(position % self.num_workers, None)
 
     # -- checkpointing ----------------------------------------------------------------------------
-    def position_state(self, consumed: int, main_rng: dict[str, Any]) -> dict[str, Any]:
+    def position_state(
+        self, consumed: int, main_rng: dict[str, Any], epoch_batches: int | float | None = None
+    ) -> dict[str, Any]:
         """The loader's position after ``consumed`` batches of this epoch were trained on.
 
         ``main_rng`` is the training process's RNG state at the checkpoint: with ``num_workers=0``
         it must be in place when the first batch that was not yet fetched gets built.
+        ``epoch_batches`` is how many batches the trainer runs per epoch (``limit_train_batches``):
+        with the epoch's order it defines the epoch's samples, should the run resume on a different
+        number of processes. In a re-sharded epoch the trainer counts from the order's offset.
         """
+        if self._order is not None:
+            consumed -= int(self._order.order["offset"])
+            order: dict[str, Any] | None = self._order.order
+        else:
+            order = reshard.describe_sampler(self.loader, epoch_batches)
         stamps = {pos: (before, after) for pos, before, after in self._stamps}
         state: dict[str, Any] = {
-            "version": 1,
+            "version": 2,
             "consumed": consumed,
+            "order": order,
             "num_workers": self.num_workers,
             "sampler_rng": self._sampler_rng,
+            "sampler_epoch": _epoch_of(self.loader),
             "fresh": self._recorded_fresh,
             "base_rng": self._base_rng,
         }
@@ -362,16 +419,24 @@ class ResumableLoader:
             state["start"] = start
         return state
 
-    def load_position_state(self, state: dict[str, Any]) -> None:
-        """Arm the next ``iter()`` to continue exactly where :meth:`position_state` was taken."""
+    def load_position_state(self, state: dict[str, Any], rank: int | None = None) -> None:
+        """Arm the next ``iter()`` to continue exactly where :meth:`position_state` was taken, by
+        the same rank (``rank``: this process's global rank, default its sampler's) of a world of
+        the same size."""
         if state.get("num_workers") != self.num_workers:
             raise ValueError(
                 f"the checkpoint's train loader had num_workers={state.get('num_workers')}, this one has"
                 f" {self.num_workers}: resuming exactly needs the same value"
             )
+        order = state.get("order")
+        if order is not None and order["kind"] == "resharded":
+            if rank is None:
+                rank = int(getattr(self.loader.sampler, "rank", 0))
+            self._pending_order = _EpochOrder(reshard.all_batches(order)[rank], order)
         if state.get("sampler_rng") is None:
             return
         self._pending_plan = _Plan(
+            sampler_epoch=state.get("sampler_epoch"),
             start=int(state["start"]),
             first_yield=int(state["consumed"]),
             sampler_rng=state["sampler_rng"],
@@ -380,6 +445,14 @@ class ResumableLoader:
             position_rng=dict(state.get("position_rng", {})),
             slot_rng=dict(state.get("slot_rng", {})),
         )
+        self.main_rng_applied = False
+
+    def load_resharded(self, batches: list[list[int]], order: dict[str, Any]) -> None:
+        """Make the next ``iter()`` yield ``batches`` (this rank's share of the rest of an epoch
+        that a world of another size started; see :func:`reshard.plan_resize`), then the sampler's
+        own epochs again. No RNG state is replayed: the batches differ from any earlier run's."""
+        self._pending_order = _EpochOrder([list(b) for b in batches], order)
+        self._pending_plan = None
         self.main_rng_applied = False
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,8 +32,21 @@ class Trainer(pl.Trainer):
             callbacks.append(resumable)
         elif not any(isinstance(cb, Resumable) for cb in callbacks):
             callbacks.append(Resumable())
+        kwargs = {**_torchrun_layout(), **kwargs}
         super().__init__(*args, callbacks=callbacks, **kwargs)
 
     @property
     def resumable(self) -> Resumable:
         return next(cb for cb in self.callbacks if isinstance(cb, Resumable) and cb._active)  # type: ignore[attr-defined]
+
+
+def _torchrun_layout(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``num_nodes``/``devices`` as torchrun laid the job out (nothing outside torchrun)."""
+    env = os.environ if environ is None else environ
+    try:
+        world, local = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return {}
+    if "TORCHELASTIC_RUN_ID" not in env or local < 1 or world % local:
+        return {}
+    return {"num_nodes": world // local, "devices": local}

@@ -201,6 +201,19 @@ BAD_INPUT = [
     (["run", "--resume", "ghost", "-d"], "no experiment named 'ghost'"),
     (["run", "--resume", "queued1", "{script}"], "not both"),
     (["run", "--resume", "queued1", "--retries", "3"], "--retries cannot change it"),
+    (["run", "--resume", "queued1", "--num_nodes", "0"], "--num-nodes must be >= 1"),
+    (["run", "--resume", "queued1", "--min-nodes", "3"], "--min-nodes 3 is more than --num-nodes 1"),
+    # multi-node
+    (["run", "--num_nodes", "0", "{script}"], "--num-nodes must be >= 1"),
+    (["run", "--nproc-per-node", "0", "{script}"], "--nproc-per-node must be >= 1"),
+    (["run", "--num_nodes", "2", "--min_nodes", "3", "{script}"], "--min-nodes 3 is more than --num-nodes 2"),
+    (["run", "--num_nodes", "2", "--simulate-preemptions", "2@5", "{script}"], "names node 2"),
+    (["run", "--simulate-preemptions", "1@5", "{script}"], "has 1 node(s)"),
+    (["run", "--simulate-preemptions", "x@5", "{script}"], "NODE@seconds"),
+    (
+        ["run", "--backend", "slurm", "--nodes", "2", "--min-nodes", "1", "{script}"],
+        "does not run short-handed",
+    ),
     (["run", "--detach", "--name", "../x", "{script}"], "invalid experiment name"),
     (["run", "--detach=1", "{script}"], "does not take a value"),
     # agent

@@ -1,6 +1,7 @@
-"""A live one-node SLURM for these tests: started by ``.ci/slurm-up.sh`` if CI has not already.
+"""A live SLURM for these tests: started by ``.ci/slurm-up.sh`` if CI has not already.
 
-The tests share one node with two CPUs and preempt whatever runs in the spot partition, so they
+Two nodes (``lg1``, ``lg2``) on this one machine, each with its two CPUs. The tests share them and
+preempt whatever runs in the spot partition, so they
 run one at a time, across pytest-xdist workers too (a file lock), and skip with the reason where
 SLURM cannot be started (not root, no Debian).
 """
@@ -24,8 +25,11 @@ _LOCK = Path("/tmp/lightning-grid-slurm-tests.lock")
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     if shutil.which("sinfo") is not None:
+        # Up with this configuration: spotshort exists and spot has both nodes (a one-node
+        # cluster of an earlier slurm-up.sh is reconfigured by running it again).
         probe = subprocess.run(["sinfo", "-h", "-p", "spotshort"], capture_output=True, text=True)
-        if probe.returncode == 0 and probe.stdout.strip():
+        nodes = subprocess.run(["sinfo", "-h", "-p", "spot", "-o", "%D"], capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() and nodes.stdout.strip() == "2":
             return
     up = subprocess.run(["bash", str(UP)], capture_output=True, text=True, timeout=300)
     if up.returncode == 3:

@@ -1,7 +1,8 @@
 """``lightning-grid run --backend slurm`` against a live SLURM: real sbatch, real preemption, real requeue.
 
-A "high-priority job" is a ``sleep`` in the ``high`` partition that asks for every CPU of the one
-node: SLURM preempts (requeues) whatever runs in ``spot``/``spotshort`` to make room. The artifact
+A "high-priority job" is a ``sleep`` in the ``high`` partition that asks for every CPU of every
+node (the test cluster has two, ``lg1`` and ``lg2``, on this one machine): SLURM preempts (requeues)
+whatever runs in ``spot``/``spotshort`` to make room, on whichever node it runs. The artifact
 store is a folder of its own, never the job's working directory (node-local scratch under /tmp).
 """
 
@@ -17,9 +18,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import TRAIN, assert_bit_identical, grid, grid_status
+from lightning_grid.errors import UsageError
+from lightning_grid.launcher import agent as agent_mod
+from lightning_grid.launcher.spec import Spec
+from tests.helpers import REPO, TRAIN, assert_bit_identical, grid, grid_status
 
 pytestmark = pytest.mark.usefixtures("slurm")
+NODES_TRAIN = REPO / "tests" / "scripts" / "nodes_train.py"
 
 COUNTER = """
 import os, signal, sys, time
@@ -54,11 +59,15 @@ def _log_has(home: Path, name: str, attempt: int, text: str) -> bool:
 
 
 def _preempt() -> float:
-    """Submit a high-priority job that needs the whole node; returns when it was submitted."""
+    """Submit a high-priority job that needs every CPU of every node (a job on any node is in its
+    way, not only one on the node SLURM would pick first); returns when it was submitted."""
     cpus = os.cpu_count() or 1
+    nodes = subprocess.run(["sinfo", "-h", "-p", "high", "-o", "%D"], capture_output=True, text=True)
+    count = int(nodes.stdout.split()[0]) if nodes.stdout.strip() else 1
     submitted = time.time()
     subprocess.run(
-        ["sbatch", "-p", "high", "-c", str(cpus), "-o", "/dev/null", "--wrap", "sleep 1"],
+        ["sbatch", "-p", "high", "-N", str(count), "--ntasks-per-node=1", "-c", str(cpus), "-o", "/dev/null",
+         "--wrap", "sleep 1"],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     return submitted
@@ -162,6 +171,70 @@ def test_two_preemptions_by_high_priority_jobs_end_bit_identical(
     assert _queued(_job(home, "mnist")) == ""
 
 
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_a_two_node_job_preempted_once_resumes_every_node_bit_identical(tmp_path: Path) -> None:
+    """``--nodes 2``: one agent per node (SLURM_NODEID, the head's NodeAddr), torchrun's static
+    rendezvous at node 0; a high-priority job preempts the whole job, SLURM requeues it, and both
+    nodes resume from node 0's checkpoint to the weights of an uninterrupted 2-node run."""
+    home, store, ids = tmp_path / "home", tmp_path / "store", tmp_path / "ids"
+    ids.mkdir()
+    script = tmp_path / "project" / "nodes_train.py"
+    script.parent.mkdir()
+    script.write_text(NODES_TRAIN.read_text())
+    args = ["--out", "w.pt", "--epochs", "4", "--ids", str(ids)]
+    ref_home, ref_store = tmp_path / "ref-home", tmp_path / "ref-store"
+    ref = grid(ref_home, "run", "--resumable", "--num_nodes", "2", "--name", "ref", "--artifacts", str(ref_store),
+               str(script), *args[:-2], timeout=300)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    submitted = time.time()
+    proc = grid(
+        home, "run", "--backend", "slurm", "--detach", "--partition", "spot", "--resumable", "--nodes", "2",
+        "--name", "n2", "--artifacts", str(store), str(script), *args, timeout=60, NODES_TRAIN_STEP_S="0.3",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    first = [ids / f"rank{rank}-attempt1.jsonl" for rank in (0, 1)]
+    _wait("both nodes to train", lambda: all(_lines(p) >= 1 for p in first), every=0.05)
+    timings = {"submit_to_first_step_s": round(time.time() - submitted, 2)}
+    _wait("a few steps", lambda: all(_lines(p) >= 6 for p in first))
+    preempted = _preempt()
+    second = [ids / f"rank{rank}-attempt2.jsonl" for rank in (0, 1)]
+    _wait("both nodes to train again", lambda: all(_lines(p) >= 1 for p in second), every=0.05)
+    first_step = time.time()
+
+    info = _final(home, "n2")
+    events = info["events"]
+    notice = next(e for e in events if e["kind"] == "notice" and e["attempt"] == 1)
+    exit_timing = next(e for e in events if e["kind"] == "exit_timing" and e["attempt"] == 1)
+    script_exit = (
+        notice["time"]
+        + exit_timing["data"]["sigterm_after_notice_s"]
+        + exit_timing["data"]["exit_after_sigterm_s"]
+    )
+    requeued = next(e for e in events if e["to"] == "pending" and e["attempt"] == 1)
+    timings["preempt_to_exit_s"] = round(script_exit - preempted, 2)
+    timings["requeue_to_step_s"] = round(first_step - requeued["time"], 2)
+    print("SLURM 2-node timings:", json.dumps(timings))
+    assert info["status"] == "succeeded" and info["restarts"] == 1, info["reason"]
+    assert [a["outcome"] for a in info["attempts"]] == ["preempted", "succeeded"]
+    assert info["attempts"][0]["checkpoint_step"]
+    assert notice["data"]["source"] == "slurm" and 0 < notice["data"]["window_s"] <= 20
+    met = [e for e in events if e["kind"] == "note" and "static rendezvous" in e["reason"]]
+    assert len(met) == 2 and all("2 nodes (slurm) meet at 127.0.0.1:" in e["reason"] for e in met), met
+    # Both nodes of the requeued run went on from the checkpoint, none from the start.
+    resumed = min(json.loads(line)["step"] for line in second[1].read_text().splitlines())
+    assert resumed == info["attempts"][0]["checkpoint_step"]
+    assert_bit_identical(
+        ref_store / "ref" / "execdir" / "files" / "w.pt", store / "n2" / "execdir" / "files" / "w.pt"
+    )
+    assert (home / "runs" / "n2" / "attempt-2-node1.log").exists()
+    assert _queued(_job(home, "n2")) == ""
+
+
 @pytest.mark.slow
 def test_grace_shorter_than_a_save_keeps_the_periodic_checkpoint(
     tmp_path: Path, mnist_dir: Path, reference
@@ -244,6 +317,37 @@ def test_a_crashing_script_uses_its_retries_then_fails_and_leaves_nothing_queued
     assert _queued(_job(home, "crash")) == ""
 
 
+def test_a_failed_experiment_resumed_by_the_user_runs_as_a_new_job(tmp_path: Path) -> None:
+    """The cause fixed (here: a file the script refuses to run with is gone), ``run --resume``
+    continues a failed SLURM experiment: a new job, whose agent reads "pending" in the story."""
+    home, project = tmp_path / "home", tmp_path / "p"
+    project.mkdir()
+    broken = tmp_path / "broken"
+    broken.write_text("yes")
+    (project / "fragile.py").write_text(
+        f"import os, sys\nif os.path.exists({str(broken)!r}):\n    print('still broken', flush=True)\n"
+        "    sys.exit(1)\nprint('fixed', flush=True)\n"
+    )
+    _run_detached(
+        home, "--partition", "spot", "--name", "fragile", "--artifacts", str(tmp_path / "store"),
+        str(project / "fragile.py"),
+    )  # fmt: skip
+    info = _final(home, "fragile")
+    assert info["status"] == "failed" and "still broken" in info["attempts"][0]["reason"]
+    first_job = _job(home, "fragile")
+    broken.unlink()
+    proc = grid(home, "run", "--resume", "fragile", timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    info = grid_status(home, "fragile")
+    assert info["status"] == "succeeded" and [a["outcome"] for a in info["attempts"]] == [
+        "failed",
+        "succeeded",
+    ]
+    jobs = {str(e["data"]["slurm_job_id"]) for e in info["events"] if e["data"].get("slurm_job_id")}
+    assert len(jobs) == 2 and first_job in jobs  # a new job, the first one gone
+    assert all(_queued(job) == "" for job in jobs)
+
+
 def test_stop_saves_in_order_and_cancels_the_job(tmp_path: Path) -> None:
     home, project = tmp_path / "home", tmp_path / "p"
     project.mkdir()
@@ -266,7 +370,8 @@ def test_stop_saves_in_order_and_cancels_the_job(tmp_path: Path) -> None:
     [
         (["--partition", "nosuch"], "unknown SLURM partition 'nosuch'", 2),
         (["--partition", "spot", "--gres", "gpu:1"], "error: ", 2),
-        (["--nodes", "2"], "single-node jobs for now", 2),
+        (["--nodes", "3"], "error: ", 2),  # the test cluster has two nodes: sbatch --test-only says no
+        (["--nodes", "2", "--min-nodes", "1"], "does not run short-handed", 2),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(
@@ -280,6 +385,22 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (home / "registry.db").exists() and not (home / "runs").exists()
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+
+
+def test_each_agent_of_a_two_node_step_finds_its_place_and_the_head_address() -> None:
+    """What each task of the step sees (SLURM_NODEID 0 and 1 of ``lg[1-2]``): its rank, and the
+    head as lg1's NodeAddr — the node names resolve nowhere on the test cluster."""
+    spec = Spec(script="t.py", backend="slurm", num_nodes=2)
+    env = {"SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "lg[1-2]", "MASTER_PORT": "20123"}
+    places = [agent_mod._nodes(spec, {**env, "SLURM_NODEID": str(rank)}) for rank in (0, 1)]
+    assert [(p.rank, p.primary, p.backend) for p in places if p] == [
+        (0, True, "static"),
+        (1, False, "static"),
+    ]
+    assert {p.placement.endpoint for p in places if p} == {"127.0.0.1:20123"}
+    assert agent_mod._nodes(Spec(script="t.py", backend="slurm"), {**env, "SLURM_NODEID": "1"}) is None
+    with pytest.raises(UsageError, match="not a task of the job's step"):
+        agent_mod._nodes(spec, {})
 
 
 def test_options_of_slurm_need_the_slurm_backend(tmp_path: Path) -> None:

@@ -143,7 +143,7 @@ def test_spec_validation_names_the_option(changes, message) -> None:
 
 
 def test_parse_simulation() -> None:
-    assert parse_simulation("8, 20") == (8.0, 20.0) and parse_simulation(None) == ()
+    assert parse_simulation("8, 20") == ((8.0, 20.0), ()) and parse_simulation(None) == ((), ())
     for bad in ("5,abc", ",", "nan", "-1"):
         with pytest.raises(UsageError, match="--simulate-preemptions"):
             parse_simulation(bad)
@@ -151,7 +151,8 @@ def test_parse_simulation() -> None:
 
 def test_every_option_has_help_and_both_spellings() -> None:
     infos = options()
-    assert {i.name for i in infos} == {f.name for f in fields(Spec)} - {"script", "args"}
+    # simulate_nodes is written inside --simulate-preemptions (N@S)
+    assert {i.name for i in infos} == {f.name for f in fields(Spec)} - {"script", "args", "simulate_nodes"}
     for info in infos:
         assert info.help and not info.help.endswith(" ")
         assert "--" + info.name.replace("_", "-") in info.flags
