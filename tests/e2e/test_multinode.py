@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from lightning_grid.launcher.registry import Registry
-from tests.helpers import REPO, assert_bit_identical, child_env, grid, grid_status
+from tests.helpers import REPO, assert_bit_identical, child_env, grid, grid_status, max_abs_diff
 
 SCRIPT = REPO / "tests" / "scripts" / "nodes_train.py"
 STEP_S = "0.25"
@@ -63,6 +63,25 @@ def _spot_run(home: Path, name: str, options: list[str], train: list[str]) -> di
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return grid_status(home, name)
+
+
+def _batches_by_rank(ids: Path) -> dict[int, list[tuple[int, list[int]]]]:
+    rows: dict[int, list[tuple[int, list[int]]]] = {}
+    for path in ids.glob("rank*-attempt*.jsonl"):
+        rank = int(path.name.split("-")[0][len("rank") :])
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows.setdefault(rank, []).append((row["step"], row["ids"]))
+    return {rank: sorted(found) for rank, found in rows.items()}
+
+
+def _assert_same_run(reference_out: Path, out: Path, ids: Path) -> None:
+    """Three or more gloo processes: every rank trained the same samples at the same steps as the
+    uninterrupted run, and the weights agree to float rounding. gloo's all-reduce over three or
+    more processes does not fix its summation order from one run to the next, so two
+    uninterrupted runs can already differ in the last bit (seen: 6e-8 and 2e-7)."""
+    assert _batches_by_rank(ids) == _batches_by_rank(reference_out.parent / "ids")
+    assert max_abs_diff(reference_out, out) <= 1e-5
 
 
 def _attempts(info: dict) -> list[dict]:
@@ -120,7 +139,7 @@ def test_three_nodes_notice_to_the_last(home: Path, tmp_path: Path, reference) -
     print(
         f"3 nodes: SIGTERM → all ranks exited: {[e['data']['exit_after_sigterm_s'] for e in _events(info, 'exit_timing')]}"
     )
-    assert_bit_identical(reference(3, 1), out)
+    _assert_same_run(reference(3, 1), out, tmp_path / "ids")
 
 
 def test_two_processes_per_node_notice_to_node_0(home: Path, tmp_path: Path, reference) -> None:
@@ -133,7 +152,7 @@ def test_two_processes_per_node_notice_to_node_0(home: Path, tmp_path: Path, ref
     )
     assert info["status"] == "succeeded" and info["restarts"] == 1
     assert _attempts(info)[0]["notice_node"] == 0
-    assert_bit_identical(reference(2, 2), out)
+    _assert_same_run(reference(2, 2), out, tmp_path / "ids")
 
 
 def _node_processes(name: str, node: int) -> list[psutil.Process]:
