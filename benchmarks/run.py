@@ -1,6 +1,6 @@
 """Run every benchmark in one go and write the report (``python -m benchmarks`` or ``python benchmarks/run.py``).
 
-    python -m benchmarks                       # full suite, about 15-20 minutes on 2 cores
+    python -m benchmarks                       # full suite, about 30 minutes on 2 cores
     python -m benchmarks --quick               # every figure at small sizes, about a minute
     python -m benchmarks --only sigterm,sync   # some figures
     python -m benchmarks --out DIR --reps 5
