@@ -95,8 +95,10 @@ def _agents(
             "--num-nodes", "2", "--grace-period", "60",
             *(["--simulate-preemptions", simulate] if simulate else []),
             "--", "python", str(SCRIPT), "--out", str(tmp_path / "out.pt"), "--ids", str(ids),
-            "--epochs", "8",
+            "--epochs", "20",
         ]  # fmt: skip
+        # 20 epochs x 12 steps x 0.2 s = 48 s of training: the notice at 30 s lands inside it both
+        # on an idle machine (with 8 epochs, CI's training was over before 30 s) and a loaded one.
         env = child_env(NODES_TRAIN_STEP_S="0.2", **provisioner(rank, port))
         log = open(tmp_path / f"agent{rank}-{round_}.log", "w")  # noqa: SIM115 - closed below
         procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
