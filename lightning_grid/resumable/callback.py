@@ -54,7 +54,7 @@ from lightning_grid.errors import (
     StoreUnreachableError,
     StoreWriteError,
 )
-from lightning_grid.resumable import _lightning, reshard, rng
+from lightning_grid.resumable import _lightning, ddp_buckets, reshard, rng
 from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable, shield_workers
 from lightning_grid.resumable.signals import SignalFlag, guard
 from lightning_grid.shutdown import Plan, ShutdownNotice, read_notice
@@ -295,6 +295,7 @@ class Resumable(Callback):
         self._cut_any = False  # a checkpoint was cut in this fit (on every rank; rank 0 writes it)
         self._final_rng: dict[str, Any] | None = None
         self._fit_over = False  # the final checkpoint is committed (or was restored): nothing to train
+        self._ddp_layout: ddp_buckets.Layout | None = None  # the resumed-from run's gradient buckets
         self._flag.received = None
 
     def _resolve_url(self, trainer: pl.Trainer) -> str:
@@ -434,6 +435,7 @@ class Resumable(Callback):
             self._resize_fallback(int(mine["resized_from"]), "no train loader position was saved")
             return
         self._resume_rng = mine.get("rng")
+        self._ddp_layout = state_dict.get("ddp_buckets")
         # Persistent validation workers already existed in the interrupted process (made during the
         # sanity check, which a resumed fit skips): creating them again here draws one base seed
         # from the global RNG that the original run never drew.
@@ -519,6 +521,8 @@ class Resumable(Callback):
         self._flag.install()
         self._loader_states = None  # applied to the loaders built for this fit
         _process.last = None  # training goes past the checkpoint resumed from (if any)
+        ddp_buckets.replay(trainer.strategy.model, self._ddp_layout)
+        self._ddp_layout = None
 
     @override
     def on_train_batch_start(
@@ -694,7 +698,12 @@ class Resumable(Callback):
             "val_iterated": self._val_iterated or self._cancel_val_worker_seed,
         }
         ranks = _gather(trainer, mine)
-        self._state_for_dump = {"version": _STATE_VERSION, "ranks": ranks, "reason": reason}
+        self._state_for_dump = {
+            "version": _STATE_VERSION,
+            "ranks": ranks,
+            "reason": reason,
+            "ddp_buckets": ddp_buckets.capture(trainer.strategy.model),
+        }
         if final:
             # A relaunch under the same limits returns from fit() at once; under others it trains on.
             self._state_for_dump["final"] = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps}
