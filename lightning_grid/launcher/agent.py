@@ -96,7 +96,7 @@ class _StoreObserver:
         self.host = socket.gethostname()
         self.watch_stop = watch_stop  # a SLURM job's stop comes through the store (lightning-grid stop)
         self._next_stop_check = 0.0
-        self._stopped = False
+        self._stopped: bool | str = False
         self.pid: int | None = None  # the attempt's process (a torchrun agent on several nodes)
 
     def emit(self, kind: Kind, message: str, **data: Any) -> None:
@@ -136,17 +136,20 @@ class _StoreObserver:
             )
         )
 
-    def stop_requested(self) -> bool:
+    def stop_requested(self) -> bool | str:
         """A provisioner stops an agent by stopping its machine (a notice); under SLURM,
         ``lightning-grid stop`` leaves a stop event in the store, read here every few seconds."""
         if not self.watch_stop or self._stopped or time.monotonic() < self._next_stop_check:
             return self._stopped
         self._next_stop_check = time.monotonic() + 2.0
         try:
-            self._stopped = any(e.kind == Kind.STOP_REQUESTED.value for e in self.events.read())
+            self._stopped = self._stop_in(self.events.read())
         except StoreError:
             pass  # unreadable now: ask again later
         return self._stopped
+
+    def _stop_in(self, past: Sequence[Event]) -> bool | str:
+        return any(e.kind == Kind.STOP_REQUESTED.value for e in past)
 
 
 class _PeerObserver(_StoreObserver):
@@ -157,12 +160,28 @@ class _PeerObserver(_StoreObserver):
     _AS_IS = (Kind.NOTICE, Kind.PLAN, Kind.WARNING, Kind.EXITED, Kind.PUBLISHED, Kind.SYNC_FAILED)
 
     def __init__(self, events: StoreEventLog, number: int, command: Sequence[str], node: int) -> None:
-        super().__init__(events, number, command)
+        super().__init__(events, number, command, watch_stop=True)
         self.node = node
+        self._primary_ended: float | None = None  # when this node first saw the primary's end
+
+    def _stop_in(self, past: Sequence[Event]) -> bool | str:
+        """Also the primary's end of this attempt while this node's workers still run, for longer
+        than ``PRIMARY_ENDED_GRACE_S``: node 0's script failed, say, and a rank here may wait in a
+        collective for a peer that is gone until the collective's timeout (30 minutes by default).
+        The grace lets an ordinary end (every node saved at one step; node 0 was quicker) be one."""
+        for e in past:
+            if e.kind == Kind.ENDED.value and e.attempt == self.number and "node" not in e.data:
+                if self._primary_ended is None:
+                    self._primary_ended = time.monotonic()
+                if time.monotonic() - self._primary_ended >= PRIMARY_ENDED_GRACE_S:
+                    return f"node 0's attempt {self.number} is over ({e.data.get('outcome', 'ended')})"
+        return super()._stop_in(past)
 
     def emit(self, kind: Kind, message: str, **data: Any) -> None:
         data = {**data, "node": self.node}
-        if kind in self._AS_IS:
+        if kind in self._AS_IS and not (
+            kind == Kind.NOTICE and data.get("source") == "user"
+        ):  # a stop: a note
             super().emit(kind, f"node {self.node}: {message}", **data)
         else:
             super().emit(Kind.NOTE, f"node {self.node}: {message}", event=kind.value, **data)
@@ -252,6 +271,8 @@ def _replay(events: Sequence[Event]) -> _Story:
 #: How long a node other than the primary waits for the primary's word on the attempt (torchrun's
 #: own rendezvous timeout), and then for its decision after the attempt (its sync may be long).
 JOIN_TIMEOUT_S = 600.0
+#: How long another node's attempt may outlive the primary's end of it before it is stopped.
+PRIMARY_ENDED_GRACE_S = 10.0
 DECISION_TIMEOUT_S = 600.0
 
 
@@ -385,22 +406,44 @@ class _Beacon(threading.Thread):
         self.join(timeout=5)
 
 
+@dataclass(frozen=True)
+class _Word:
+    """What a node other than the primary hears while it waits: the record of an attempt to join,
+    or the primary's decision for an attempt that started and ended without this node."""
+
+    record: dict[str, Any] | None = None
+    decision: dict[str, Any] | None = None
+
+
 def _follow(
     lease: _Lease,
     endpoint: str,
     ended: Callable[[int], bool],
+    decided_after: Callable[[], dict[str, Any] | None],
     timeout_s: float,
     poll_s: float = 0.5,
+    decided_every: int = 4,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> dict[str, Any] | None:
+) -> _Word | None:
     """On a node other than the primary: the primary's record for the attempt about to start, or
     None if none came within ``timeout_s``. Believed only once seen to change (see :class:`_Lease`),
-    only for this job's rendezvous address, and only for an attempt that has not ended."""
+    only for this job's rendezvous address, and only for an attempt that has not ended.
+
+    An attempt can also start and end between two looks (the script failed at once on node 0): so
+    every ``decided_every`` polls, ``decided_after`` is asked for a decision on an attempt newer than
+    those decided when this node began to wait; one found ends the wait, and this node exits as
+    the primary did, instead of waiting out ``timeout_s`` for an attempt that is over."""
     seen = lease.read()
     deadline = clock() + timeout_s
+    polls = 0
     while clock() < deadline:
         sleep(poll_s)
+        polls += 1
+        if polls % decided_every == 0:
+            decision = decided_after()
+            if decision is not None:
+                return _Word(decision=decision)
         try:
             now = lease.read()
         except StoreError:
@@ -412,7 +455,7 @@ def _follow(
             continue  # another job's head (a relaunch elsewhere): not ours
         if ended(int(now["attempt"])):
             continue  # the last attempt's primary, still beating on its way out
-        return now
+        return _Word(record=now)
     return None
 
 
@@ -581,18 +624,44 @@ def run_agent(agent: AgentSpec, environ: Mapping[str, str] | None = None) -> int
                 e.attempt == number and e.kind in (Kind.ENDED.value, Kind.DECISION.value) for e in past
             )
 
-        try:
-            word = _follow(lease, multi.placement.endpoint, ended, JOIN_TIMEOUT_S + max(0.0, wait))
+        try:  # attempts already decided when this node began to wait: not the one it waits for
+            decided_before = max(
+                (e.attempt or 0 for e in events.read() if e.kind == Kind.DECISION.value), default=0
+            )
         except StoreError as exc:
             return _nothing_ran(exc)
-        if word is None:
+
+        def decided_after() -> dict[str, Any] | None:
+            try:
+                past = events.read()
+            except StoreError:
+                return None
+            found = [e for e in past if e.kind == Kind.DECISION.value and (e.attempt or 0) > decided_before]
+            return {**found[-1].data, "attempt": found[-1].attempt} if found else None
+
+        try:
+            heard = _follow(
+                lease, multi.placement.endpoint, ended, decided_after, JOIN_TIMEOUT_S + max(0.0, wait)
+            )
+        except StoreError as exc:
+            return _nothing_ran(exc)
+        if heard is None:
             return _nothing_ran(
                 StoreError(f"node 0 did not announce an attempt at {multi.placement.endpoint} in time")
             )
-        number = int(word["attempt"])
+        if heard.decision is not None:
+            code = _exit_code(heard.decision.get("status"), bool(heard.decision.get("relaunch")))
+            print(
+                f"lightning-grid agent: node {multi.rank}: node 0's attempt {heard.decision['attempt']} ended"
+                f" before this node joined it ({heard.decision.get('status')}): exit {code}",
+                file=sys.stderr,
+            )
+            return code
+        assert heard.record is not None
+        number = int(heard.record["attempt"])
         rendezvous = Rendezvous(
             endpoint=multi.placement.endpoint,
-            run_id=str(word["run_id"]),
+            run_id=str(heard.record["run_id"]),
             num_nodes=multi.num_nodes,
             nproc_per_node=spec.nproc_per_node,
             min_nodes=multi.min_nodes if multi.backend == "c10d" else None,

@@ -129,7 +129,7 @@ def run_attempt(
     log_path: str,
     notices: Sequence[NoticeSource],
     grace_period: float,
-    stop_requested: Callable[[], bool],
+    stop_requested: Callable[[], bool | str],
     on_start: Callable[[int], None],
     on_notice: Callable[[Notice, float], None],
     echo: bool = True,
@@ -180,7 +180,8 @@ def run_attempt(
     notice: Notice | None = None
     notice_mono = sigterm_mono = None
     notice_wall = None
-    killed = stopped = escalated = hard_killed = False
+    killed = escalated = hard_killed = False
+    stopped: bool | str = False
     deadline = None
     window = None
     lost: int | None = None  # the first node that ended badly on its own while others ran
@@ -197,8 +198,8 @@ def run_attempt(
                     next_stop_check = clock() + stop_check_s
                 for source in notices:
                     notice = notice or source.poll()
-                if stopped and notice is None:
-                    notice = Notice("user", "stopped by the user")
+                if stopped and notice is None:  # a string says why (see the agent's other nodes)
+                    notice = Notice("user", stopped if isinstance(stopped, str) else "stopped by the user")
                 if notice is not None:
                     notice_mono, notice_wall = clock(), time.time()
                     window = grace_period
@@ -280,7 +281,7 @@ def run_attempt(
         sigterm_after_notice_s=(sigterm_mono - notice_mono) if sigterm_mono and notice_mono else None,
         exit_after_sigterm_s=(ended - sigterm_mono) if sigterm_mono else None,
         killed_after_grace=killed,
-        stopped=stopped,
+        stopped=bool(stopped),
         seconds=ended - started,
         window_s=window,
         escalated=escalated,

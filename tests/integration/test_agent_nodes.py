@@ -77,7 +77,13 @@ def kubeflow_env(rank: int, port: int) -> dict[str, str]:
 
 
 def _agents(
-    tmp_path: Path, isolate: list[str], provisioner, round_: str, simulate: str | None, sigterm: int | None
+    tmp_path: Path,
+    isolate: list[str],
+    provisioner,
+    round_: str,
+    simulate: str | None,
+    sigterm: int | None,
+    script: list[str] | None = None,
 ) -> list[tuple[int, str]]:
     """Both nodes' agents, started together as a provisioner does; their exit codes and output.
     ``simulate``: the agents' --simulate-preemptions; ``sigterm``: the node whose agent gets a
@@ -94,8 +100,8 @@ def _agents(
             "--cloud", "none", "--artifacts", str(store), "--name", NAME, "--workdir", str(workdir),
             "--num-nodes", "2", "--grace-period", "60",
             *(["--simulate-preemptions", simulate] if simulate else []),
-            "--", "python", str(SCRIPT), "--out", str(tmp_path / "out.pt"), "--ids", str(ids),
-            "--epochs", "20",
+            "--", "python",
+            *(script or [str(SCRIPT), "--out", str(tmp_path / "out.pt"), "--ids", str(ids), "--epochs", "20"]),
         ]  # fmt: skip
         # 20 epochs x 12 steps x 0.2 s = 48 s of training: the notice at 30 s lands inside it both
         # on an idle machine (with 8 epochs, CI's training was over before 30 s) and a loaded one.
@@ -189,3 +195,27 @@ def test_two_agents_survive_a_preemption(
     assert _first_step(tmp_path / "ids", 2) == attempt["checkpoint_step"]
     assert (tmp_path / "ids" / "rank1-attempt2.jsonl").exists()
     assert (tmp_path / "out.pt").exists()
+
+
+def test_a_failure_on_node_0_ends_the_other_node_too(tmp_path: Path, isolate: list[str]) -> None:
+    """Node 0's script fails at once while node 1's rank blocks (as one waiting in a collective
+    for a peer that is gone does, for up to 30 minutes): node 0 decides "failed", and node 1 stops
+    its workers and exits as node 0 did, within seconds, instead of running on (billed) until a
+    timeout. Before, node 1 ran until killed."""
+    started = time.monotonic()
+    results = _agents(
+        tmp_path,
+        isolate,
+        skypilot_env,
+        "1",
+        None,
+        None,
+        script=[str(REPO / "tests" / "scripts" / "rank0_fails.py")],
+    )
+    took = time.monotonic() - started
+    assert [code for code, _ in results] == [1, 1], results
+    story = _status(tmp_path)
+    assert story["status"] == "failed" and story["restarts"] == 0, story["text"]
+    assert not [e for e in story["events"] if e["kind"] == "notice"], story["text"]  # a stop, not a notice
+    assert "node 0's attempt 1 is over (failed)" in story["text"], story["text"]
+    print(f"node 0 failed → both agents exited after {took:.1f}s")

@@ -239,11 +239,32 @@ def test_follow(case: str, reads: list, ended: set[int], expected: int | None) -
         _ScriptedLease(reads),  # type: ignore[arg-type]
         "h:1",
         lambda number: number in ended,
+        lambda: None,
         timeout_s=10,
         clock=clock,
         sleep=clock.sleep,
     )
-    assert (word["attempt"] if word else None) == expected
+    assert (word.record["attempt"] if word and word.record else None) == expected
+
+
+def test_follow_an_attempt_that_ended_before_this_node_joined() -> None:
+    """Node 0's script failed at once: its attempt started and was decided between two looks at
+    the lease (seen: the waiting node's first read already had the last beat). The waiting node
+    hears the decision within ``decided_every`` polls instead of waiting out the timeout."""
+    clock = _Clock()
+    decisions = iter([None, None, {"status": "failed", "relaunch": False, "attempt": 1}])
+    word = agent_mod._follow(
+        _ScriptedLease([_word(1, 3)]),  # type: ignore[arg-type]
+        "h:1",
+        lambda number: True,
+        lambda: next(decisions),
+        timeout_s=600,
+        decided_every=4,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert word is not None and word.record is None and word.decision is not None
+    assert word.decision["status"] == "failed" and clock.now == pytest.approx(12 * 0.5)
 
 
 def test_lease_in_a_folder_store(tmp_path: Path) -> None:
