@@ -498,7 +498,15 @@ def _under_torchrun(command: list[str]) -> list[str]:
             f"several processes or nodes run a Python script under torchrun: give -- python SCRIPT ...,"
             f" not {word}"
         )
-    return [shutil.which(word) or os.path.abspath(word), *command[1:]]
+    rest = command[1:]
+    # torchrun starts the interpreter itself: it takes a script, or -m MODULE, and no Python options.
+    if not rest or (rest[0].startswith("-") and not (rest[0] == "-m" and len(rest) > 1)):
+        given = " ".join(command[:2])
+        raise UsageError(
+            f"several processes or nodes run a Python script under torchrun: give -- python SCRIPT ... or"
+            f" -- python -m MODULE ..., not {given} (torchrun starts Python itself; it takes no Python options)"
+        )
+    return [shutil.which(word) or os.path.abspath(word), *rest]
 
 
 def _nothing_ran(exc: BaseException) -> int:

@@ -184,6 +184,15 @@ def test_torchrun_runs_a_python_script() -> None:
     assert command[0].endswith("python") and command[1:] == ["train.py", "--lr", "1"]
     with pytest.raises(UsageError, match="give -- python SCRIPT"):
         agent_mod._under_torchrun(["bash", "run.sh"])
+    assert agent_mod._under_torchrun(["python", "-m", "pkg.train", "--lr", "1"])[1:] == [
+        "-m",
+        "pkg.train",
+        "--lr",
+        "1",
+    ]
+    for bad in (["python"], ["python", "-c", "print(1)"], ["python", "-u", "train.py"], ["python", "-m"]):
+        with pytest.raises(UsageError, match="-m MODULE"):
+            agent_mod._under_torchrun(bad)
 
 
 def test_static_rendezvous_keeps_the_given_rank() -> None:
