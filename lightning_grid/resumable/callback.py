@@ -68,6 +68,8 @@ _STATE_KEY = "lightning_grid.Resumable"
 # callbacks with one key, and the script may have added its own Resumable as well.
 _FACTORY_STATE_KEY = "lightning_grid.Resumable[launcher]"
 _STATE_VERSION = 1
+#: How long a signalled process waits for the launcher's shutdown plan before saving in full.
+PLAN_WAIT_S = 0.5
 # The k-th fit() of a process (a multi-stage script) keeps its checkpoints apart from the others,
 # so a later stage never resumes from an earlier stage's state.
 _fits_in_process = 0
@@ -562,7 +564,9 @@ class Resumable(Callback):
         )
         plan = None
         if signalled:
-            plan = self._plan = self._plan or self._agreed_plan(trainer, self._shutdown_plan())
+            plan = self._plan = self._plan or self._agreed_plan(
+                trainer, self._shutdown_plan(bool(self._flag))
+            )
         if plan is not None and plan.plan is Plan.KEEP:
             # Nothing new is saved, so any batch end will do: leave at the next batch start.
             self._flag.set()
@@ -592,10 +596,22 @@ class Resumable(Callback):
         except OSError:
             self._progress_path = None  # a launcher's private folder that went away: stop trying
 
-    def _shutdown_plan(self) -> ShutdownNotice:
+    def _shutdown_plan(self, signalled_here: bool) -> ShutdownNotice:
         """What the launcher said fits the notice's window (a full save when nobody said anything,
-        and whenever there is no committed checkpoint to keep instead)."""
-        notice = read_notice(Contract.from_env().notice_file)
+        and whenever there is no committed checkpoint to keep instead).
+
+        A scheduler may signal the script and the launcher at the same moment (SLURM sends both
+        SIGTERM at a preemption): a batch end right after it would find no plan yet and choose a
+        full save that the window cannot hold. So a process that got the signal itself, under a
+        launcher that writes plans, waits up to ``PLAN_WAIT_S`` for the plan (it comes within the
+        launcher's 0.1 s poll)."""
+        path = Contract.from_env().notice_file
+        notice = read_notice(path)
+        if notice is None and path and signalled_here:
+            deadline = time.monotonic() + PLAN_WAIT_S
+            while notice is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+                notice = read_notice(path)
         if notice is None or (notice.plan is Plan.KEEP and not self._has_fallback()):
             return ShutdownNotice(Plan.FULL, deadline=0.0, window_s=0.0)
         if notice.plan is Plan.LOCAL and not notice.spool:

@@ -171,3 +171,32 @@ def test_a_store_that_does_not_answer_never_delays_the_sigterm(tmp_path: Path, m
         assert notice.plan is Plan.FULL and read_notice(window.notice_path) == notice
     finally:
         server.close()
+
+
+def test_a_signalled_script_waits_briefly_for_a_plan_that_is_on_its_way(tmp_path: Path, monkeypatch) -> None:
+    """SLURM signals the script and the agent at once: the plan the agent writes 0.2 s later
+    (``keep``: no time for a save) is the one followed, not a full save chosen before it arrived.
+    A process that only learned of the notice from another rank does not wait for a file that
+    its machine never gets."""
+    import threading
+
+    from lightning_grid.resumable.callback import PLAN_WAIT_S, Resumable
+
+    path = tmp_path / "notice.json"
+    monkeypatch.setenv("LIGHTNING_GRID_NOTICE", str(path))
+    callback = Resumable()
+    callback._cut_any = True  # a committed checkpoint to keep
+    keep = ShutdownNotice(Plan.KEEP, deadline=time.time() + 2, window_s=2.0, reason="no time for a save")
+    writer = threading.Timer(0.2, write_notice, args=(str(path), keep))
+    writer.start()
+    try:
+        assert callback._shutdown_plan(signalled_here=True).plan is Plan.KEEP
+    finally:
+        writer.cancel()
+    path.unlink()
+    started = time.monotonic()
+    assert callback._shutdown_plan(signalled_here=False).plan is Plan.FULL
+    assert time.monotonic() - started < PLAN_WAIT_S / 2
+    started = time.monotonic()
+    assert callback._shutdown_plan(signalled_here=True).plan is Plan.FULL  # none came: a full save
+    assert time.monotonic() - started >= PLAN_WAIT_S
