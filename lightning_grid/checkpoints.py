@@ -64,6 +64,24 @@ _PAYLOAD_SUFFIX = ".ckpt"
 _SAFE_PAYLOAD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.ckpt")
 #: Temp files a killed writer leaves (atomic_writer's ``.<name>.<random>.tmp``).
 _SAFE_TEMP = re.compile(r"\.ckpt-[A-Za-z0-9._-]*\.tmp")
+# -- folder checkpoints (sharded strategies, see lightning_grid.resumable.sharded) -----------------
+#: A folder checkpoint: one folder directly in the store's folder, written by every rank.
+_SAFE_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.dcp")
+#: A file inside it (DCP writes ``.metadata`` and ``__<rank>_<n>.distcp``, Lightning ``meta.pt``).
+_SAFE_MEMBER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
+
+
+def safe_folder_name(name: str) -> bool:
+    """Whether ``name`` can only mean a folder checkpoint directly in the store's folder."""
+    return bool(_SAFE_FOLDER.fullmatch(name)) and ".." not in name
+
+
+def safe_member_name(name: str) -> bool:
+    """Whether ``name`` can only mean a file directly inside a folder checkpoint."""
+    return bool(_SAFE_MEMBER.fullmatch(name)) and name not in (".", "..") and ".." not in name
+
+
+# -- end folder checkpoints ----------------------------------------------------------------------
 
 
 def safe_payload_name(name: str) -> bool:
@@ -82,9 +100,19 @@ class CommitRecord:
     time: float
     reason: str = "periodic"
     meta: dict[str, Any] = field(default_factory=dict)
+    #: A folder checkpoint's files (name → {"sha256", "size"}); empty for a single-file checkpoint,
+    #: whose ``sha256``/``size`` are the payload's. For a folder they are the manifest's and the total.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def is_folder(self) -> bool:
+        return bool(self.files)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        raw = asdict(self)
+        if not self.files:
+            del raw["files"]  # a single-file record reads as it always did
+        return json.dumps(raw, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> CommitRecord:
@@ -93,7 +121,11 @@ class CommitRecord:
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         name = raw["name"]
-        if not isinstance(name, str) or not safe_payload_name(name):
+        files = _folder_files(raw.get("files"))
+        if files:
+            if not isinstance(name, str) or not safe_folder_name(name):
+                raise ValueError(f"its name {name!r} is not a checkpoint folder in this folder")
+        elif not isinstance(name, str) or not safe_payload_name(name):
             raise ValueError(f"its name {name!r} is not a checkpoint file in this folder")
         return cls(
             name=name,
@@ -103,7 +135,36 @@ class CommitRecord:
             time=float(raw["time"]),
             reason=str(raw.get("reason", "periodic")),
             meta=dict(raw.get("meta", {})),
+            files=files,
         )
+
+
+def _folder_files(raw: Any) -> dict[str, dict[str, Any]]:
+    """A record's ``files`` (absent: a single-file checkpoint); ValueError for a malformed list."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError("its files are not an object")
+    files: dict[str, dict[str, Any]] = {}
+    for member, info in raw.items():
+        if not isinstance(member, str) or not safe_member_name(member):
+            raise ValueError(f"its file {member!r} is not a file inside the checkpoint folder")
+        if not isinstance(info, dict):
+            raise ValueError(f"its entry for {member!r} is not an object")
+        files[member] = {
+            "sha256": str(info["sha256"]),
+            "size": int(info["size"]),
+            **{k: v for k, v in info.items() if k not in ("sha256", "size")},
+        }
+    return files
+
+
+def folder_manifest_sha256(files: dict[str, dict[str, Any]]) -> str:
+    """The digest a folder checkpoint's record carries: of its sorted file list and checksums."""
+    canonical = json.dumps(
+        {name: [info["sha256"], int(info["size"])] for name, info in sorted(files.items())}, sort_keys=True
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class _OutOfTime(Exception):
@@ -214,6 +275,92 @@ class CheckpointStore:
         self._write_small(name + _COMMIT_SUFFIX, record.to_json())
         return record
 
+    # -- folder checkpoints (sharded strategies, see lightning_grid.resumable.sharded) -------------
+    def folder_path(self, name: str) -> str:
+        """Where the ranks write the files of folder checkpoint ``name`` (a local store's path)."""
+        if not safe_folder_name(name):
+            raise StoreError(f"{name!r} is not a checkpoint folder name")
+        return self._path(name)
+
+    def commit_folder(
+        self,
+        name: str,
+        step: int,
+        files: dict[str, dict[str, Any]],
+        reason: str = "periodic",
+        meta: dict[str, Any] | None = None,
+    ) -> CommitRecord:
+        """Commit folder checkpoint ``name``, whose ``files`` every rank has already made durable.
+
+        The record lists every file with its sha256 and size; it is written last, so a folder
+        without one (a rank killed mid-write) is never trusted, as an uncommitted file is not."""
+        if not files:
+            raise StoreError(f"checkpoint folder {name!r} has no files to commit")
+        if self.is_local:
+            fsync_dir(self._path(name))
+            fsync_dir(self.root)
+        total = sum(int(info["size"]) for info in files.values())
+        record = CommitRecord(
+            name,
+            step,
+            folder_manifest_sha256(files),
+            total,
+            time.time(),
+            reason,
+            dict(meta or {}),
+            dict(files),
+        )
+        CommitRecord.from_json(record.to_json())  # what discovery will accept, or an error now
+        self._write_small(name + _COMMIT_SUFFIX, record.to_json())
+        return record
+
+    def _verify_folder(self, record: CommitRecord) -> None:
+        """Every file of a folder checkpoint is there with the size and sha256 its record lists."""
+        if not safe_folder_name(record.name):
+            raise CorruptCheckpointError(
+                f"refusing to read {record.name!r}: not a checkpoint folder in {self.url}"
+            )
+        if folder_manifest_sha256(record.files) != record.sha256:
+            raise CorruptCheckpointError(
+                f"checkpoint {self.location(record.name)}: its commit record's file list does not match its sha256"
+            )
+        for member, info in sorted(record.files.items()):
+            if not safe_member_name(member):
+                raise CorruptCheckpointError(f"refusing to read {member!r} in {self.location(record.name)}")
+            path = f"{self._path(record.name)}/{member}"
+            digest = hashlib.sha256()
+            size = 0
+            try:
+                with self.fs.open(path, "rb") as handle:
+                    while chunk := handle.read(8 << 20):
+                        digest.update(chunk)
+                        size += len(chunk)
+            except FileNotFoundError as exc:
+                raise CorruptCheckpointError(
+                    f"checkpoint {self.location(record.name)} is committed but its file {member} is missing"
+                ) from exc
+            if size != int(info["size"]):
+                raise CorruptCheckpointError(
+                    f"checkpoint {self.location(record.name)}: {member} has {size} bytes, its commit record says"
+                    f" {info['size']}"
+                )
+            if digest.hexdigest() != info["sha256"]:
+                raise CorruptCheckpointError(
+                    f"checkpoint {self.location(record.name)}: {member} has sha256 {digest.hexdigest()[:12]}…, its"
+                    f" commit record says {str(info['sha256'])[:12]}…"
+                )
+
+    def _remove(self, name: str) -> None:
+        """A payload file, or a whole checkpoint folder."""
+        path = self._path(name)
+        if safe_folder_name(name):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(path, recursive=True)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+
+    # -- end folder checkpoints --------------------------------------------------------------------
     def _spool(self) -> str:
         """Where saves for this remote store are serialised first: private to this user, one folder
         per store URL (so that what it holds can only ever be uploaded where it belongs)."""
@@ -401,6 +548,9 @@ class CheckpointStore:
         return bytes(self.fs.cat_file(self._path(name)))
 
     def read_verified(self, record: CommitRecord) -> bytes:
+        if record.is_folder:  # every file verified; the ranks read them through their strategy
+            self._verify_folder(record)
+            return b""
         if not safe_payload_name(record.name):
             raise CorruptCheckpointError(
                 f"refusing to read {record.name!r}: not a checkpoint file in {self.url}"
@@ -458,6 +608,12 @@ class CheckpointStore:
         """Keep the newest ``keep`` committed checkpoints; the record goes first so a crash never leaves a
         committed record without its payload."""
         for record in self.committed()[max(1, keep) :]:
+            if record.is_folder:  # the record first, then the folder (see sharded.py)
+                if safe_folder_name(record.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(self._path(record.name + _COMMIT_SUFFIX))
+                    self._remove(record.name)
+                continue
             if not safe_payload_name(record.name):  # committed() never returns one; a caller's list might
                 continue
             for name in (record.name + _COMMIT_SUFFIX, record.name):
@@ -474,7 +630,7 @@ class CheckpointStore:
             return
         committed = {n[: -len(_COMMIT_SUFFIX)] for n in names if n.endswith(_COMMIT_SUFFIX)}
         for name in names:
-            orphan = safe_payload_name(name) and name not in committed
+            orphan = (safe_payload_name(name) or safe_folder_name(name)) and name not in committed
             if not (orphan or _SAFE_TEMP.fullmatch(name)):
                 continue
             try:
@@ -482,8 +638,7 @@ class CheckpointStore:
             except (NotImplementedError, OSError, AttributeError):
                 continue  # no reliable age: leave it (it is never trusted anyway)
             if age >= older_than_s:
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm_file(self._path(name))
+                self._remove(name)  # a folder checkpoint no rank finished is removed whole
 
     # -- markers: "preempted and checkpointed at step N", "training completed" -------------------
     def write_marker(self, info: dict[str, Any], name: str = PREEMPTED_MARKER) -> None:

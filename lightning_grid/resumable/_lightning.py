@@ -46,6 +46,8 @@ __all__ = [
     "protect_csv_log",
     "skip_training",
     "tolerate_same_cli_config",
+    "saves_sharded",
+    "sharded_metadata_file",
     "PROCESS_START",
 ]
 
@@ -398,3 +400,27 @@ def _same_cli_config(callback: Any, trainer: pl.Trainer) -> bool:
         except Exception:  # unreadable or unparsable: LightningCLI decides, as it always did
             same = False
     return bool(trainer.strategy.broadcast(same))
+
+
+# -- (h) sharded strategies: FSDP with state_dict_type="sharded", ModelParallelStrategy ----------
+def saves_sharded(trainer: pl.Trainer) -> bool:
+    """Whether the strategy saves a checkpoint as a DCP folder (one shard per rank, written by every
+    rank) rather than one file: ``FSDPStrategy(state_dict_type="sharded")`` and
+    ``ModelParallelStrategy(save_distributed_checkpoint=True)`` (its default). Their state dicts
+    then hold only each rank's shard, so no single rank can write the whole checkpoint."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        return getattr(strategy, "_state_dict_type", None) == "sharded"
+    if isinstance(strategy, ModelParallelStrategy):
+        return bool(getattr(strategy, "_save_distributed_checkpoint", False))
+    return False
+
+
+def sharded_metadata_file() -> str:
+    """The file in a sharded checkpoint folder that holds everything but the model and optimizer
+    shards (loops, callbacks, schedulers...): Lightning's ``meta.pt``, written by rank 0."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    return str(_METADATA_FILENAME)

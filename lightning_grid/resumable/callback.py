@@ -54,7 +54,7 @@ from lightning_grid.errors import (
     StoreUnreachableError,
     StoreWriteError,
 )
-from lightning_grid.resumable import _lightning, ddp_buckets, reshard, rng
+from lightning_grid.resumable import _lightning, ddp_buckets, reshard, rng, sharded
 from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable, shield_workers
 from lightning_grid.resumable.signals import SignalFlag, guard
 from lightning_grid.shutdown import Plan, ShutdownNotice, read_notice
@@ -220,6 +220,7 @@ class Resumable(Callback):
         self._active = True
         self.store: CheckpointStore | None = None
         self._state_for_dump: dict[str, Any] | None = None
+        self._sharded_resume: CommitRecord | None = None  # a sharded checkpoint to restore at fit start
         self._logs_flushed = threading.Event()
         self._reset_run_state()
         self._trainer_ref: pl.Trainer | None = None
@@ -255,6 +256,7 @@ class Resumable(Callback):
         if _fits_in_process > 1:
             url = f"{url.rstrip('/')}/fit-{_fits_in_process}"
         self.store = CheckpointStore(url, storage_options=self.storage_options)
+        sharded.check_store(trainer, self.store)  # before anything trains: a folder every rank writes
         if trainer.is_global_zero:
             self.store.check_writable()
             self.store.remove_uncommitted()
@@ -320,9 +322,22 @@ class Resumable(Callback):
         if found is None:
             return
         record, data = found
-        checkpoint = self.store.load_bytes(data)
         location = self.store.location(record.name)
-        self._check_same_model(pl_module, checkpoint, location, record.step)
+        # -- sharded strategies (FSDP/DCP): the shards are restored at on_fit_start, see sharded.py --
+        self._sharded_resume = record if record.is_folder else None
+        if record.is_folder != sharded.enabled(trainer):
+            what = "a sharded (DCP) folder" if record.is_folder else "a single file"
+            raise CheckpointMismatchError(
+                f"checkpoint {location} (step {record.step}) is {what}, which this run's strategy"
+                f" ({type(trainer.strategy).__name__}) does not restore: point Resumable(dirpath=...) or"
+                " LIGHTNING_GRID_CHECKPOINTS at this run's own folder, or remove it"
+            )
+        if record.is_folder:
+            checkpoint = sharded.read_metadata(self.store, record)
+        else:
+            checkpoint = self.store.load_bytes(data)
+            self._check_same_model(pl_module, checkpoint, location, record.step)
+        # -- end sharded ---------------------------------------------------------------------------
         callback_states = checkpoint.setdefault("callbacks", {})
         ours = callback_states.get(_STATE_KEY) or callback_states.get(_FACTORY_STATE_KEY) or {}
         if ours:
@@ -367,6 +382,14 @@ class Resumable(Callback):
             )
         else:
             log.info("lightning_grid: resuming from %s (step %d, %s)", location, record.step, record.reason)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # -- sharded strategies: the model and optimizers exist now, sharded; Lightning restores
+        # the rest (loops, schedulers, callbacks) from the injected meta.pt right after this hook.
+        record, self._sharded_resume = self._sharded_resume, None
+        if record is not None and self._active and self.store is not None:
+            sharded.restore_shards(trainer, self.store, record)
 
     def _rank_state(self, trainer: pl.Trainer, state: dict[str, Any]) -> dict[str, Any] | None:
         """This rank's part of the checkpoint.
@@ -732,6 +755,11 @@ class Resumable(Callback):
         self._last_save_time = time.monotonic()
         self._cut_any = True
         self._awaiting_flush = True
+        # -- sharded strategies (FSDP/DCP): every rank writes its shard, see sharded.py -------------
+        if sharded.enabled(trainer):
+            self._save_sharded(trainer, checkpoint, step, reason, consumed, mine["logged_step"], started)
+            return
+        # -- end sharded ---------------------------------------------------------------------------
         if not trainer.is_global_zero:
             return
         copies: list[Any] = []  # events the writer waits for: device → host copies in flight
@@ -793,6 +821,68 @@ class Resumable(Callback):
         except BaseException as exc:  # reported on the training thread
             self._write_error = exc
 
+    # -- sharded strategies (FSDP/DCP), see sharded.py ----------------------------------------------
+    def _save_sharded(
+        self,
+        trainer: pl.Trainer,
+        checkpoint: dict[str, Any],
+        step: int,
+        reason: str,
+        consumed: int,
+        logged_step: Any,
+        started: float,
+    ) -> None:
+        """Every rank writes its part now (training waits); rank 0 commits the folder in the writer
+        thread once the saved step's logs are flushed, as for a single file. A spool (the
+        launcher's ``local`` plan) is not used: the folder goes to the store directly."""
+        assert self.store is not None
+        meta = {
+            "epoch": trainer.current_epoch,
+            "batch_in_epoch": consumed,
+            "logged_step": logged_step,
+            "dump_s": round(time.monotonic() - started, 4),
+        }
+        outcome: sharded.Pending | BaseException | None
+        try:
+            outcome = sharded.write(trainer, self.store, checkpoint, step, reason, meta)
+        except StoreError as exc:  # on every rank alike; rank 0 reports it as the writer would
+            outcome = exc
+        if not trainer.is_global_zero:
+            return
+        self._logs_flushed.clear()
+        self._write_error = None
+        self._writer = threading.Thread(
+            target=self._commit_sharded,
+            args=(outcome, step, reason),
+            name="lightning_grid-checkpoint",
+            daemon=True,
+        )
+        self._writer.start()
+
+    def _commit_sharded(
+        self, outcome: sharded.Pending | BaseException | None, step: int, reason: str
+    ) -> None:
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            assert outcome is not None and self.store is not None
+            self._wait_for_logs()
+            self.last_commit = sharded.commit(self.store, outcome)
+            self.store.prune(self.keep)
+        except StoreWriteError as exc:
+            if reason != "periodic":
+                self._write_error = exc
+                return
+            log.warning(
+                "lightning_grid: periodic checkpoint at step %d not saved, training continues (the last committed"
+                " checkpoint stays; the next periodic save retries): %s",
+                step,
+                exc,
+            )
+        except BaseException as exc:  # reported on the training thread
+            self._write_error = exc
+
+    # -- end sharded -------------------------------------------------------------------------------
     def _wait_for_logs(self) -> None:
         self._logs_flushed.wait()
 

@@ -1,0 +1,230 @@
+"""Sharded checkpoints (FSDP ``state_dict_type="sharded"``): every rank writes its shard of a DCP
+folder, rank 0 commits one record listing every file; a missing or damaged shard makes the previous
+checkpoint the resume point. Real processes under torchrun, FSDP on CPU with gloo (see
+``tests/scripts/fsdp_train.py``), a tiny model and data set."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lightning_grid.checkpoints import CheckpointStore, CommitRecord
+from tests.helpers import REPO, assert_bit_identical, child_env, run_tree
+
+SCRIPT = REPO / "tests" / "scripts" / "fsdp_train.py"
+
+
+def _torchrun(ckpt: Path, out: Path, *more: str, attempt: str = "1", ok: bool = True) -> str:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(SCRIPT), "--out", str(out), "--ckpt-dir", str(ckpt), *more,
+    ]  # fmt: skip
+    proc = run_tree(command, env=child_env(LIGHTNING_GRID_ATTEMPT=attempt), timeout=300)
+    assert (proc.returncode == 0) == ok, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The same script uninterrupted, with plain Lightning (no Resumable), once per strategy."""
+    done: dict[str, Path] = {}
+
+    def reference(strategy: str) -> Path:
+        if strategy not in done:
+            folder = tmp_path_factory.mktemp(f"plain-{strategy}")
+            out = folder / "expected.pt"
+            _torchrun(folder / "unused", out, "--plain", "--strategy", strategy)
+            done[strategy] = out
+        return done[strategy]
+
+    return reference
+
+
+def _records(ckpt: Path) -> list[CommitRecord]:
+    return CheckpointStore(str(ckpt)).committed()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "modelparallel"])
+def test_sigterm_mid_epoch_then_relaunch_is_bit_identical(
+    tmp_path: Path, references: Callable[[str], Path], strategy: str
+) -> None:
+    ckpt, out = tmp_path / "ckpt", tmp_path / "w.pt"
+    # epoch 0 of 2 (12 steps each), rank 1
+    first = _torchrun(ckpt, out, "--sigterm-at", "5:1", "--strategy", strategy)
+    assert "checkpoint at step 6 committed" in first and not out.exists()
+
+    # On disk: one folder, one shard file per rank, one commit record listing every file.
+    (record,) = _records(ckpt)
+    assert record.is_folder and record.name.endswith(".dcp") and record.step == 6
+    folder = ckpt / record.name
+    on_disk = sorted(os.listdir(folder))
+    assert sorted(record.files) == on_disk
+    shards = [n for n in on_disk if n.endswith(".distcp")]
+    assert sorted(shards) == ["__0_0.distcp", "__1_0.distcp"]
+    assert {".metadata", "meta.pt"} <= set(on_disk)
+    for name, info in record.files.items():
+        assert info["sha256"] == _sha256(folder / name) and info["size"] == (folder / name).stat().st_size
+    raw = json.loads((ckpt / f"{record.name}.commit.json").read_text())
+    assert raw["files"].keys() == record.files.keys()
+    assert [p.name for p in ckpt.iterdir() if p.suffix in (".ckpt", ".dcp")] == [record.name]
+    marker = json.loads((ckpt / "PREEMPTED.json").read_text())
+    assert marker["checkpoint"] == record.name and marker["step"] == 6
+
+    second = _torchrun(ckpt, out, "--sigterm-at", "5:1", "--strategy", strategy, attempt="2")
+    assert f"resuming from {ckpt / record.name} (step 6, preempted)" in second
+    assert "done at step 24" in second
+    assert_bit_identical(references(strategy), out)
+
+    # The same command once more: the final (sharded) checkpoint is restored, nothing is trained.
+    out.unlink()
+    third = _torchrun(ckpt, out, "--strategy", strategy, attempt="3")
+    assert "no training is redone" in third and "done at step 24" in third
+    assert_bit_identical(references(strategy), out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["corrupt", "delete"])
+def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(
+    tmp_path: Path, references: Callable[[str], Path], damage: str
+) -> None:
+    ckpt, out = tmp_path / "ckpt", tmp_path / "w.pt"
+    first = _torchrun(ckpt, out, "--every-n-steps", "4", "--sigterm-at", "9:1")
+    assert "checkpoint at step 10 committed" in first
+    newest, previous, *_ = _records(ckpt)
+    assert (newest.step, previous.step) == (10, 8) and newest.is_folder and previous.is_folder
+    shard = ckpt / newest.name / "__1_0.distcp"
+    if damage == "corrupt":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, other bytes
+        shard.write_bytes(bytes(data))
+    else:
+        shard.unlink()
+
+    second = _torchrun(ckpt, out, "--every-n-steps", "4", "--sigterm-at", "9:1", attempt="2")
+    assert f"resuming from {ckpt / previous.name} (step 8, periodic)" in second
+    assert "is not usable" in second and "__1_0.distcp" in second
+    assert "done at step 24" in second
+    assert_bit_identical(references("fsdp"), out)
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_from_the_last_periodic_checkpoint(
+    tmp_path: Path, references: Callable[[str], Path]
+) -> None:
+    ckpt, out = tmp_path / "ckpt", tmp_path / "w.pt"
+    _torchrun(ckpt, out, "--every-n-steps", "4", "--sigkill-at", "10:1", ok=False)
+    newest = _records(ckpt)[0]
+    assert newest.step == 8 and newest.reason == "periodic" and not (ckpt / "PREEMPTED.json").exists()
+    second = _torchrun(ckpt, out, "--every-n-steps", "4", "--sigkill-at", "10:1", attempt="2")
+    assert f"resuming from {ckpt / newest.name} (step 8, periodic)" in second
+    assert_bit_identical(references("fsdp"), out)
+
+
+# -- the store's side, without processes -------------------------------------------------------------
+def _write_folder(store: CheckpointStore, name: str, files: dict[str, bytes]) -> dict[str, dict[str, object]]:
+    folder = Path(store.folder_path(name))
+    folder.mkdir(parents=True)
+    listed: dict[str, dict[str, object]] = {}
+    for member, data in files.items():
+        (folder / member).write_bytes(data)
+        listed[member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    return listed
+
+
+def test_folder_records_verify_every_file(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path))
+    old = store.commit_folder("ckpt-0000000004-1.dcp", 4, _write_folder(store, "ckpt-0000000004-1.dcp", {
+        "__0_0.distcp": b"a" * 10, "__1_0.distcp": b"b" * 20, ".metadata": b"m", "meta.pt": b"p",
+    }))  # fmt: skip
+    time.sleep(0.01)
+    new = store.commit_folder("ckpt-0000000008-2.dcp", 8, _write_folder(store, "ckpt-0000000008-2.dcp", {
+        "__0_0.distcp": b"c" * 10, "__1_0.distcp": b"d" * 20, ".metadata": b"m", "meta.pt": b"p",
+    }))  # fmt: skip
+    assert new.size == 32 and new.is_folder
+    found = store.latest_valid()
+    assert found is not None and found[0].name == new.name
+    (tmp_path / new.name / "__1_0.distcp").write_bytes(b"x" * 20)  # same size, other bytes
+    found = store.latest_valid()
+    assert found is not None and found[0].name == old.name
+    (tmp_path / old.name / "meta.pt").unlink()
+    assert store.latest_valid() is None
+
+
+def test_folder_records_refuse_names_outside_the_folder(tmp_path: Path) -> None:
+    good = {"__0_0.distcp": {"sha256": "0" * 64, "size": 1}}
+    record = CommitRecord("ckpt-1-1.dcp", 1, "x", 1, 0.0, files=good)
+    assert CommitRecord.from_json(record.to_json()).files == good
+    for name, files in [
+        ("ckpt-1-1.dcp", {"../escape": {"sha256": "0", "size": 1}}),
+        ("ckpt-1-1.dcp", {"a/b": {"sha256": "0", "size": 1}}),
+        ("../ckpt-1-1.dcp", good),
+        ("ckpt-1-1.ckpt", good),  # a file's name cannot carry a file list
+    ]:
+        with pytest.raises(ValueError):
+            CommitRecord.from_json(CommitRecord(name, 1, "x", 1, 0.0, files=files).to_json())
+    # A single-file record reads (and is written) exactly as before.
+    plain = CommitRecord("ckpt-1-1.ckpt", 1, "x", 1, 0.0)
+    assert "files" not in json.loads(plain.to_json())
+
+
+def test_prune_and_remove_uncommitted_handle_folders(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path))
+    names = [f"ckpt-000000000{i}-{i}.dcp" for i in range(1, 4)]
+    for name in names:
+        store.commit_folder(name, 1, _write_folder(store, name, {"__0_0.distcp": b"s", "meta.pt": b"p"}))
+        time.sleep(0.01)
+    store.prune(2)
+    assert not (tmp_path / names[0]).exists() and not (tmp_path / f"{names[0]}.commit.json").exists()
+    assert (tmp_path / names[1]).is_dir() and (tmp_path / names[2]).is_dir()
+    orphan = tmp_path / "ckpt-0000000009-9.dcp"
+    orphan.mkdir()
+    (orphan / "__0_0.distcp").write_bytes(b"half")
+    store.remove_uncommitted()
+    assert orphan.is_dir()  # young: another run may still be writing it
+    store.remove_uncommitted(older_than_s=0.0)
+    assert not orphan.exists() and (tmp_path / names[1]).is_dir() and (tmp_path / names[2]).is_dir()
+
+
+def test_lightning_internals_for_sharded_checkpoints() -> None:
+    """The private Lightning attributes ``_lightning.saves_sharded``/``sharded_metadata_file`` read."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from lightning_grid.resumable import _lightning
+
+    def sharded(strategy: object) -> bool:
+        return _lightning.saves_sharded(SimpleNamespace(strategy=strategy))  # type: ignore[arg-type]
+
+    assert sharded(FSDPStrategy(state_dict_type="sharded"))
+    assert not sharded(FSDPStrategy(state_dict_type="full"))
+    assert sharded(ModelParallelStrategy())
+    assert not sharded(ModelParallelStrategy(save_distributed_checkpoint=False))
+    assert not sharded(DDPStrategy())
+    assert _lightning.sharded_metadata_file() == "meta.pt"
+
+
+def test_a_store_every_rank_cannot_write_to_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from lightning_grid.errors import UsageError
+    from lightning_grid.resumable import sharded
+
+    remote = CheckpointStore("memory://sharded")
+    with pytest.raises(UsageError, match="shared"):  # at set-up, before anything trains
+        sharded.check_store(SimpleNamespace(strategy=ModelParallelStrategy()), remote)  # type: ignore[arg-type]
+    sharded.check_store(SimpleNamespace(strategy=DDPStrategy()), remote)  # type: ignore[arg-type]  # one file: fine
