@@ -376,7 +376,7 @@ def status(name: str, as_json: bool, artifacts: str | None) -> None:
                 soft_wrap=True,
             )
         return
-    info = describe(Engine().registry, name)
+    info = describe(Engine().registry, name, accounting=True)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -419,6 +419,13 @@ def status(name: str, as_json: bool, artifacts: str | None) -> None:
         console.print(Text(f"  {_when(event['time'])}  {arrow}  {_safe(event['reason'])}"), soft_wrap=True)
     bill = info["bill"]
     redone = "unknown (a SIGKILL)" if bill["steps_redone"] is None else str(bill["steps_redone"])
+    # No price for the instance type (a SLURM cluster's own nodes): SLURM's accounting below says
+    # more than "$0".
+    cost = (
+        f" · est. cost ${bill['cost_spot_usd']:.4f} on spot vs ${bill['cost_on_demand_usd']:.4f} on demand"
+        if bill.get("priced", True) or not bill.get("slurm")
+        else ""
+    )
     console.print(
         Text.assemble(
             ("bill", "bold"),
@@ -430,11 +437,24 @@ def status(name: str, as_json: bool, artifacts: str | None) -> None:
             )
             + " · pending"
             f" {_duration(bill['seconds_pending'])} · saving after notices {bill['seconds_saving_after_notice']:.1f}s ·"
-            f" restoring {bill['seconds_restoring']:.1f}s · steps redone {redone} · est. cost ${bill['cost_spot_usd']:.4f}"
-            f" on spot vs ${bill['cost_on_demand_usd']:.4f} on demand",
+            f" restoring {bill['seconds_restoring']:.1f}s · steps redone {redone}{cost}",
         ),
         soft_wrap=True,
     )
+    accounted = bill.get("slurm")
+    if accounted:
+        runs = len(accounted["runs"])
+        cpu = accounted["cpu_seconds"]
+        console.print(
+            Text.assemble(
+                ("slurm", "bold"),
+                f": {runs} run{'' if runs == 1 else 's'} of job{'' if len(accounted['jobs']) == 1 else 's'} {_safe(', '.join(accounted['jobs']) or '-')}"
+                f" · elapsed {_duration(accounted['seconds'])} · {_duration(accounted['node_seconds'])} of node time"
+                + (f" · {_duration(cpu)} of CPU time" if cpu is not None else "")
+                + (" (sacct)" if accounted["source"] == "sacct" else f" · {_safe(accounted['note'])}"),
+            ),
+            soft_wrap=True,
+        )
 
 
 @cli.command(name="list")

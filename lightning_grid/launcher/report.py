@@ -6,7 +6,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from lightning_grid.launcher import instances
+from lightning_grid.errors import LightningGridError
+from lightning_grid.launcher import instances, slurm
 from lightning_grid.launcher.events import Kind
 from lightning_grid.launcher.registry import Registry
 
@@ -27,7 +28,68 @@ def _spans(events: list[Any], start_status: str, end_statuses: set[str]) -> floa
     return total
 
 
-def describe(registry: Registry, name: str) -> dict[str, Any]:
+def _slurm_bill(
+    events: list[Any], attempts: list[Any], machines: dict[int, int], since: float
+) -> dict[str, Any]:
+    """The bill of a SLURM experiment as the cluster accounted it: every run of every job it
+    submitted (a requeue keeps the job id and adds a run, ``run --resume`` submits a new job), from
+    ``sacct --duplicates``, with each run's elapsed seconds, node-seconds and CPU-seconds.
+
+    Where sacct cannot answer (no accounting on the cluster, slurmdbd down, no sacct), the runs are
+    our own measured attempts (one per SLURM run, from the agent's start to its end, without CPU
+    counts) and ``note`` says why. Never raises: the rest of ``status`` stands either way.
+    """
+    jobs = list(dict.fromkeys(str(e.data["slurm_job_id"]) for e in events if e.data.get("slurm_job_id")))
+    runs: list[slurm.SacctRun] = []
+    note = None
+    try:
+        for job in jobs:
+            runs.extend(slurm.elapsed_runs(job, since=since))
+    except (LightningGridError, OSError) as exc:
+        why = "SLURM accounting is disabled on this cluster" if slurm.accounting_off(str(exc)) else str(exc)
+        note = f"sacct unavailable ({why}): these are our own measured times"
+    if note is None and jobs:
+        return {
+            "source": "sacct",
+            "jobs": jobs,
+            "runs": [
+                {
+                    "job": r.job,
+                    "state": r.state,
+                    "start": r.start,
+                    "end": r.end,
+                    "seconds": r.elapsed_s,
+                    "nodes": r.nodes,
+                    "cpus": r.cpus,
+                    "node_seconds": r.node_seconds,
+                    "cpu_seconds": r.cpu_seconds,
+                }
+                for r in runs
+            ],
+            "seconds": sum(r.elapsed_s for r in runs),
+            "node_seconds": sum(r.node_seconds for r in runs),
+            "cpu_seconds": sum(r.cpu_seconds for r in runs),
+            "note": None,
+        }
+    measured = [
+        {"attempt": a.number, "seconds": round(a.ended - a.started, 3), "nodes": machines[a.number]}
+        for a in attempts
+        if a.ended
+    ]
+    return {
+        "source": "measured",
+        "jobs": jobs,
+        "runs": measured,
+        "seconds": round(sum(r["seconds"] for r in measured), 3),
+        "node_seconds": round(sum(r["seconds"] * r["nodes"] for r in measured), 3),
+        "cpu_seconds": None,
+        "note": note or "no SLURM job submitted yet",
+    }
+
+
+def describe(registry: Registry, name: str, accounting: bool = False) -> dict[str, Any]:
+    """Everything ``status`` shows. ``accounting``: for a SLURM experiment, also ask SLURM's
+    accounting for its bill (``bill.slurm``: one ``sacct`` per job, so only where it is shown)."""
     row = registry.get(name)
     attempts = registry.attempts(name)
     events = registry.events(name)
@@ -106,6 +168,13 @@ def describe(registry: Registry, name: str) -> dict[str, Any]:
             "cost_usd": round(hours * price, 4),
             "cost_on_demand_usd": round(hours * instance.on_demand, 4),
             "cost_spot_usd": round(hours * instance.spot, 4),
+            # Whether the costs mean anything: a type without a price (``local``, a SLURM
+            # cluster's own nodes) costs $0 by construction.
+            "priced": bool(instance.on_demand or instance.spot),
+            # What SLURM accounted (sacct), else our own measured times, for a SLURM experiment.
+            "slurm": _slurm_bill(events, attempts, machines, row.created)
+            if accounting and spec.backend == "slurm"
+            else None,
         },
     }
 

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from lightning_grid.errors import LightningGridError, StoreError, UsageError
@@ -60,6 +61,11 @@ __all__ = [
     "node_window",
     "node_addresses",
     "requeue",
+    "SacctRun",
+    "SACCT_FORMAT",
+    "accounting_off",
+    "elapsed_runs",
+    "parse_sacct",
 ]
 
 #: SLURM states in which the job may still run (or is about to run) again.
@@ -320,6 +326,101 @@ def job_state(job: str) -> dict[str, str] | None:
             return None
         raise
     return _fields(out)
+
+
+# -- what SLURM accounted: every run of a job, from slurmdbd ------------------------------------------
+#: sacct's complaint (exit 1) when slurm.conf says ``AccountingStorageType=accounting_storage/none``:
+#: "Slurm accounting storage is disabled" (22.05; some versions prefix "sacct: error: ").
+_ACCOUNTING_OFF = "accounting storage is disabled"
+#: The columns :func:`parse_sacct` reads, in this order (``sacct --format``).
+SACCT_FORMAT = "JobID,State,Start,End,Elapsed,ElapsedRaw,AllocCPUS,NNodes"
+
+
+@dataclass(frozen=True)
+class SacctRun:
+    """One run of a job as slurmdbd recorded it: a requeued job has one per start."""
+
+    job: str
+    state: str
+    start: str
+    end: str
+    elapsed_s: int
+    cpus: int
+    nodes: int
+
+    @property
+    def node_seconds(self) -> int:
+        return self.elapsed_s * self.nodes
+
+    @property
+    def cpu_seconds(self) -> int:
+        return self.elapsed_s * self.cpus
+
+
+def _elapsed_s(raw: str, clock: str) -> int | None:
+    """``ElapsedRaw`` (seconds), else ``Elapsed`` (``[D-]HH:MM:SS``, also ``MM:SS``): the two
+    columns say the same thing, and either may be blank or odd in a partial record."""
+    if raw.isdigit():
+        return int(raw)
+    days, _, rest = clock.rpartition("-")
+    parts = rest.split(":")
+    if not rest or len(parts) > 3 or not all(p.isdigit() for p in parts) or (days and not days.isdigit()):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86400
+
+
+def parse_sacct(out: str, job: str) -> list[SacctRun]:
+    """The job's allocation lines of ``sacct -P -n --format=SACCT_FORMAT`` output, one per run,
+    in sacct's order (oldest first).
+
+    Lines of its steps (``JOB.batch``, ``JOB.0``, ``JOB.extern``), blank lines, lines of another
+    job and lines too short or unparsable are skipped rather than trusted: one odd record must not
+    cost the others. A run that has not started (pending after a requeue: Start ``Unknown``) is no
+    run yet.
+    """
+    runs: list[SacctRun] = []
+    for line in out.splitlines():
+        cols = [c.strip() for c in line.split("|")]
+        if len(cols) < 8 or cols[0] != job:
+            continue
+        job_id, state, start, end, clock, raw, cpus, nodes = cols[:8]
+        seconds = _elapsed_s(raw, clock)
+        if seconds is None or start in ("", "Unknown", "None"):
+            continue
+        # "CANCELLED by 0": the state's first word is the state.
+        runs.append(
+            SacctRun(
+                job=job_id, state=state.split(" ")[0], start=start, end=end, elapsed_s=seconds,
+                cpus=int(cpus) if cpus.isdigit() else 0, nodes=int(nodes) if nodes.isdigit() else 1,
+            )
+        )  # fmt: skip
+    return runs
+
+
+def accounting_off(message: str) -> bool:
+    """Whether a failed sacct said that this cluster keeps no accounting at all."""
+    return _ACCOUNTING_OFF in message.lower()
+
+
+def elapsed_runs(job: str, since: float | None = None, timeout: float = 10.0) -> list[SacctRun]:
+    """Every run of ``job``, its elapsed seconds, CPUs and nodes, as slurmdbd accounted them.
+
+    ``--duplicates``: without it sacct shows only a requeued job's newest run, and the bill wants
+    every run the cluster charged for. ``since`` (the experiment's creation, epoch seconds) keeps
+    out an older job with the same id (a cluster restarted with a clean state counts its job ids
+    again, the database keeps them all).
+
+    A failure is a :class:`SlurmError` with sacct's own line (:func:`accounting_off` tells
+    "no accounting on this cluster" from the others: slurmdbd down, no sacct), or a
+    :class:`~lightning_grid.errors.UsageError` when there is no sacct at all.
+    """
+    argv = ["sacct", "-j", job, "--duplicates", "--allocations", f"--format={SACCT_FORMAT}", "-P", "-n"]
+    if since is not None:
+        argv += ["-S", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 60))]
+    return parse_sacct(_run(argv, f"sacct of job {job}", timeout=timeout), job)
 
 
 # -- following the job: SLURM's state and the agent's story, into the registry ---------------------------

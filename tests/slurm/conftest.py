@@ -1,9 +1,9 @@
 """A live SLURM for these tests: started by ``.ci/slurm-up.sh`` if CI has not already.
 
-Two nodes (``lg1``, ``lg2``) on this one machine, each with its two CPUs. The tests share them and
-preempt whatever runs in the spot partition, so they
-run one at a time, across pytest-xdist workers too (a file lock), and skip with the reason where
-SLURM cannot be started (not root, no Debian).
+Two nodes (``lg1``, ``lg2``) on this one machine, each with its two CPUs, and SLURM's accounting
+(slurmdbd, for ``sacct``). The tests share them and preempt whatever runs in the spot partition,
+so they run one at a time, across pytest-xdist workers too (a file lock), and skip with the reason
+where SLURM cannot be started (not root, no Debian).
 """
 
 from __future__ import annotations
@@ -22,15 +22,27 @@ UP = REPO / ".ci" / "slurm-up.sh"
 _LOCK = Path("/tmp/lightning-grid-slurm-tests.lock")
 
 
+def _up_as_configured() -> bool:
+    """Up with slurm-up.sh's configuration: spotshort with its GraceTime, spot on both nodes and
+    accounting answering (a cluster of an earlier slurm-up.sh is reconfigured by running it again)."""
+
+    def ask(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+
+    short = ask("scontrol", "show", "partition", "spotshort", "-o")
+    nodes = ask("sinfo", "-h", "-p", "spot", "-o", "%D")
+    return (
+        short.returncode == 0
+        and "GraceTime=5" in short.stdout.split()  # as .ci/slurm-up.sh writes it
+        and nodes.stdout.strip() == "2"
+        and ask("sacct", "-n", "-X", "-S", "now").returncode == 0
+    )
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
-    if shutil.which("sinfo") is not None:
-        # Up with this configuration: spotshort exists and spot has both nodes (a one-node
-        # cluster of an earlier slurm-up.sh is reconfigured by running it again).
-        probe = subprocess.run(["sinfo", "-h", "-p", "spotshort"], capture_output=True, text=True)
-        nodes = subprocess.run(["sinfo", "-h", "-p", "spot", "-o", "%D"], capture_output=True, text=True)
-        if probe.returncode == 0 and probe.stdout.strip() and nodes.stdout.strip() == "2":
-            return
+    if shutil.which("sinfo") is not None and _up_as_configured():
+        return
     up = subprocess.run(["bash", str(UP)], capture_output=True, text=True, timeout=300)
     if up.returncode == 3:
         pytest.skip(f"no live SLURM: {up.stderr.strip()}")
