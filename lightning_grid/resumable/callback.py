@@ -805,21 +805,23 @@ class Resumable(Callback):
                 store.prune(self.keep)
             else:
                 self._spooled = record
-        except StoreWriteError as exc:
-            if reason != "periodic":
-                self._write_error = exc
-                return
-            # A full disk (or a filesystem gone read-only) must not end a run that can still
-            # train: nothing was committed and no temp file is left, the previous checkpoint stays
-            # in force, and the next periodic save tries again.
-            log.warning(
-                "lightning_grid: periodic checkpoint at step %d not saved, training continues (the last committed"
-                " checkpoint stays; the next periodic save retries): %s",
-                step,
-                exc,
-            )
-        except BaseException as exc:  # reported on the training thread
+        except BaseException as exc:
+            self._failed_write(exc, step, reason)
+
+    def _failed_write(self, exc: BaseException, step: int, reason: str) -> None:
+        """Reported on the training thread, except a periodic save the store refused: a full disk
+        (or a filesystem gone read-only) must not end a run that can still train. Nothing was
+        committed and no temp file is left, the previous checkpoint stays in force, and the next
+        periodic save tries again."""
+        if reason != "periodic" or not isinstance(exc, StoreWriteError):
             self._write_error = exc
+            return
+        log.warning(
+            "lightning_grid: periodic checkpoint at step %d not saved, training continues (the last committed"
+            " checkpoint stays; the next periodic save retries): %s",
+            step,
+            exc,
+        )
 
     # -- sharded strategies (FSDP/DCP), see sharded.py ----------------------------------------------
     def _save_sharded(
@@ -869,18 +871,8 @@ class Resumable(Callback):
             self._wait_for_logs()
             self.last_commit = sharded.commit(self.store, outcome)
             self.store.prune(self.keep)
-        except StoreWriteError as exc:
-            if reason != "periodic":
-                self._write_error = exc
-                return
-            log.warning(
-                "lightning_grid: periodic checkpoint at step %d not saved, training continues (the last committed"
-                " checkpoint stays; the next periodic save retries): %s",
-                step,
-                exc,
-            )
-        except BaseException as exc:  # reported on the training thread
-            self._write_error = exc
+        except BaseException as exc:
+            self._failed_write(exc, step, reason)
 
     # -- end sharded -------------------------------------------------------------------------------
     def _wait_for_logs(self) -> None:

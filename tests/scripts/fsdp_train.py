@@ -20,8 +20,9 @@ import signal
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from nodes_train import Numbers  # the same data as the DDP tests (this folder is on sys.path)
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_grid import Resumable
 
@@ -44,19 +45,6 @@ class CPUFSDPStrategy(FSDPStrategy):
         )
 
 
-class Numbers(Dataset):
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 8, generator=g)
-        self.y = (self.x.sum(1) > 0).long()
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int):  # noqa: ANN204
-        return self.x[i] + 0.01 * torch.randn(8), self.y[i]  # augmentation: the process's RNG
-
-
 class Model(L.LightningModule):
     def __init__(self, sigterm_at: str | None = None, sigkill_at: str | None = None) -> None:
         super().__init__()
@@ -76,7 +64,7 @@ class Model(L.LightningModule):
         fully_shard(self.net, mesh=mesh)
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        x, y = batch
+        x, y, _ = batch  # the sample ids are for other tests
         if (
             self.sigterm_at == (self.global_step, self.global_rank)
             and os.environ.get("LIGHTNING_GRID_ATTEMPT", "1") == "1"
