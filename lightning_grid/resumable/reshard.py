@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, DistributedSampler
 
+from lightning_grid.resumable import rng
+
 __all__ = [
     "CannotReshard",
     "Resharded",
@@ -394,12 +396,5 @@ def _derived_rng(base: dict[str, Any], rank: int) -> dict[str, Any]:
     }
     np = sys.modules.get("numpy")
     if "numpy" in base and np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.RandomState(seed % 2**32).get_state()
-        state["numpy"] = {
-            "kind": str(kind),
-            "keys": torch.from_numpy(keys.astype("int64")),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        }
+        state["numpy"] = rng.numpy_state(np.random.RandomState(seed % 2**32).get_state())
     return state

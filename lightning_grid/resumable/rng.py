@@ -22,6 +22,19 @@ def _numpy() -> Any:
     return sys.modules.get("numpy")
 
 
+def numpy_state(legacy: tuple[Any, ...]) -> dict[str, Any]:
+    """numpy's legacy generator state (``RandomState.get_state()``) as plain values and a tensor:
+    a checkpoint then loads with ``weights_only`` and without numpy's pickles."""
+    kind, keys, pos, has_gauss, cached = legacy
+    return {
+        "kind": str(kind),
+        "keys": torch.from_numpy(keys.astype("int64")),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
 def capture(include_cuda: bool = True) -> dict[str, Any]:
     """A snapshot of the python, numpy, torch CPU and (when in use) per-device CUDA generators."""
     state: dict[str, Any] = {
@@ -30,14 +43,7 @@ def capture(include_cuda: bool = True) -> dict[str, Any]:
     }
     np = _numpy()
     if np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {
-            "kind": str(kind),
-            "keys": torch.from_numpy(keys.astype("int64")),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        }
+        state["numpy"] = numpy_state(np.random.get_state())
     if include_cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
