@@ -200,3 +200,23 @@ def test_a_signalled_script_waits_briefly_for_a_plan_that_is_on_its_way(tmp_path
     started = time.monotonic()
     assert callback._shutdown_plan(signalled_here=True).plan is Plan.FULL  # none came: a full save
     assert time.monotonic() - started >= PLAN_WAIT_S
+
+
+def test_a_sharded_saves_timings_plan_the_window_like_a_files() -> None:
+    """A folder checkpoint's record carries the ranks' write time (``sharded.write``): a window
+    shorter than that keeps the last checkpoint instead of starting a save that cannot finish."""
+    files = {"__0_0.distcp": {"sha256": "a" * 64, "size": 1}, "meta.pt": {"sha256": "b" * 64, "size": 1}}
+    record = CommitRecord(
+        "ckpt-0000000010-1.dcp",
+        10,
+        "c" * 64,
+        2,
+        time.time(),
+        "periodic",
+        {"dump_s": 1.0, "write_s": 40.0},
+        files,
+    )
+    estimate = estimate_from([record])
+    assert record.is_folder and estimate.write_s == 41.0 and estimate.fallback_step == 10
+    assert plan_shutdown(30.0, estimate)[0] is Plan.KEEP
+    assert plan_shutdown(120.0, estimate)[0] is Plan.FULL
