@@ -39,7 +39,11 @@ def test_ranks_follow_the_shortest_plan_any_of_them_read(tmp_path: Path, signall
     assert proc.returncode == 0, output[-3000:]
     assert not (tmp_path / "w.pt").exists()  # it left at the notice, it did not finish
     store = CheckpointStore(str(ckpt))
-    steps = [r.step for r in store.committed()]
-    assert steps and max(steps) == 10, steps  # the periodic one at step 10; nothing new at 12
+    records = store.committed()
+    # Periodic saves only (every 5 steps; one skipped while the previous write is still in flight,
+    # as on a loaded machine): nothing was saved at or after the notice at step 12.
+    assert records and all(r.reason == "periodic" and 5 <= r.step <= 12 for r in records), records
+    newest = max(r.step for r in records)
     marker = store.read_marker()
-    assert marker is not None and marker["plan"] == "keep" and marker["step"] == 10, json.dumps(marker)
+    assert marker is not None and marker["plan"] == "keep", json.dumps(marker)
+    assert marker["step"] == newest and marker["left_at"] > newest, json.dumps(marker)
