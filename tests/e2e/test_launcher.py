@@ -293,7 +293,8 @@ def test_launcher_sigterm_leaves_pending_and_resume_continues(tmp_path: Path, ho
 
 def test_sigkilled_launcher_leaves_no_orphan_and_resume_never_overlaps(tmp_path: Path, home: Path) -> None:
     script = _script(tmp_path / "p", "counter.py", COUNTER)
-    runner = _background_run(home, "--resumable", "--name", "k", str(script), "40")
+    # 10 s of counting: the script must still be running after the status call below, under load too.
+    runner = _background_run(home, "--resumable", "--name", "k", str(script), "100")
     child_pid = _status(home, "k")["attempts"][0]["pid"]
     runner.kill()
     runner.wait(timeout=30)

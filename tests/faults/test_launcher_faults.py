@@ -222,7 +222,7 @@ def test_checkpoints_deleted_between_attempts_are_counted_and_a_failed_run_can_b
             name="gone",
             resumable=True,
             use_spot=True,
-            simulate_preemptions=(0.6,),
+            simulate_preemptions=(1.5,),
             max_restarts=0,
         )  # fmt: skip
     )

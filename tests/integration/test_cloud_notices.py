@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_grid.checkpoints import CheckpointStore
 from lightning_grid.launcher.notices import (
     AWSSpotNotices,
     AzureScheduledEvents,
@@ -360,11 +361,17 @@ def test_launcher_keeps_the_periodic_checkpoint_when_no_save_fits_the_notice(
     )  # fmt: skip
     assert launcher.stdout is not None
     output = []
+    store = CheckpointStore(str(home / "artifacts" / "tight" / "checkpoints"))
     for line in launcher.stdout:
         output.append(line)
-        if line.strip() == "STEP 7":  # the save at step 6 is done; the next one is 6 steps away
-            metadata.preempt_after = time.monotonic()
+        if line.strip() == "STEP 7":  # the save at step 6 was cut; the next one is 6 steps away
             break
+    # Its commit record (which the launcher's plan reads) is written as step 7 starts: wait for it,
+    # so that the plan never depends on which of the two comes first.
+    deadline = time.monotonic() + 60
+    while not any(r.step == 6 for r in store.committed()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    metadata.preempt_after = time.monotonic()
     output.extend(launcher.stdout)
     assert launcher.wait(timeout=300) == 0, "".join(output)[-3000:]
     info = grid_status(home, "tight")

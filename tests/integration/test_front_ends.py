@@ -28,6 +28,9 @@ from tests.helpers import REPO
 
 SCRIPT = REPO / "tests" / "scripts" / "contract_script.py"
 SEEDED_STEP = 7
+#: When the simulated notice comes: the script installs its handler first thing, and this leaves room for
+#: a slow interpreter start on a loaded machine (a notice before it would kill the script with -15).
+NOTICE_S = 1.5
 
 
 @dataclass(frozen=True)
@@ -43,30 +46,30 @@ class Scenario:
 SCENARIOS = {
     "preempted-full": Scenario(
         "preempt",
-        {"simulate_preemptions": (0.6,)},
+        {"simulate_preemptions": (NOTICE_S,)},
         expected=(("preempted", "full", "pending", False), ("succeeded", None, "succeeded", False)),
     ),
     "preempted-keep": Scenario(
         "preempt",
-        {"simulate_preemptions": (0.6,), "grace_period": 20.0},
+        {"simulate_preemptions": (NOTICE_S,), "grace_period": 20.0},
         seed=(100.0, 0.0),
         expected=(("preempted", "keep", "pending", True), ("succeeded", None, "succeeded", False)),
     ),
     "preempted-local": Scenario(
         "preempt",
-        {"simulate_preemptions": (0.6,), "grace_period": 20.0},
+        {"simulate_preemptions": (NOTICE_S,), "grace_period": 20.0},
         seed=(1.0, 10.0),
         sync_s=10.0,
         expected=(("preempted", "local", "pending", False), ("succeeded", None, "succeeded", False)),
     ),
     "killed": Scenario(
         "stubborn",
-        {"simulate_preemptions": (0.6,), "grace_period": 1.0, "max_restarts": 0},
+        {"simulate_preemptions": (NOTICE_S,), "grace_period": 1.0, "max_restarts": 0},
         expected=(("killed", "full", "failed", False),),
     ),
     "finished-as-the-notice-came": Scenario(
         "finish",
-        {"simulate_preemptions": (0.6,)},
+        {"simulate_preemptions": (NOTICE_S,)},
         expected=(("succeeded", "full", "succeeded", False),),
     ),
     "crash-with-a-retry": Scenario(

@@ -39,6 +39,9 @@ def test_csv_log_is_one_continuous_run(
     ref_metrics = expected_weights.parent / "logs" / "version_0" / "metrics.csv"
     root, out = tmp_path / "run", tmp_path / "w.pt"
     args = AUG + ["--every-n-steps", "4"] + [a for k in kills for a in ("--kill", k)]
+    # Before a SIGKILL, the periodic writes already released finish: which checkpoint the relaunch
+    # finds must not depend on the machine's load (a kill in the middle of a write is tested apart).
+    args += ["--kill-settle"]
     if version is not None:
         args += ["--logger-version", version]
     run_until_done(mnist_dir, root, out, args)
@@ -59,7 +62,9 @@ def test_tensorboard_continues_the_same_version(tmp_path: Path, mnist_dir: Path)
         mnist_dir,
         root,
         out,
-        AUG + ["--logger", "tb", "--every-n-steps", "4", "--kill", "train:5", "--kill", "train:14:SIGKILL"],
+        AUG
+        + ["--logger", "tb", "--every-n-steps", "4", "--kill", "train:5", "--kill", "train:14:SIGKILL"]
+        + ["--kill-settle"],
     )
     versions = sorted(p.name for p in (root / "tb").iterdir())
     assert versions == ["version_0"], versions

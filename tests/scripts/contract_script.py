@@ -24,7 +24,7 @@ if attempt > 1:
     sys.exit(0)
 
 # The handler goes in before the imports below (they import torch, which takes seconds on a
-# loaded machine): the scenarios' notices come 0.6 s in, and must find it.
+# loaded machine): the scenarios' notices come 1.5 s in, and must find it.
 signalled: list[int] = []
 signal.signal(signal.SIGTERM, lambda *_: signalled.append(1))
 if mode == "stubborn":

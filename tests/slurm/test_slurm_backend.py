@@ -465,8 +465,8 @@ def test_the_bill_has_sacct_elapsed_for_each_run_of_a_preempted_job(tmp_path: Pa
     (project / "count.py").write_text(COUNTER)
     _run_detached(
         home, "--partition", "spot", "--use_spot", "--resumable", "--name", "billed",
-        "--artifacts", str(tmp_path / "store"), str(project / "count.py"), "40",
-    )  # fmt: skip
+        "--artifacts", str(tmp_path / "store"), str(project / "count.py"), "100",
+    )  # fmt: skip  # 20 s of counting: the preemption (seconds on a loaded machine) comes before the end
     _wait("the script to start", lambda: _log_has(home, "billed", 1, "starts at"))
     time.sleep(2)
     _preempt()

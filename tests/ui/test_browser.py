@@ -189,8 +189,8 @@ def test_a_preemption_shows_up_live_and_the_stop_button_stops(browser: Any, tmp_
     counter = script(tmp_path / "project", "counter.py", COUNTER)
     run = launch(
         home, "run", "--use-spot", "--resumable", "--instance-type", "p3.2xlarge", "--name", "live",
-        "--simulate-preemptions", "2.5", str(counter), "100000",
-    )  # fmt: skip
+        "--simulate-preemptions", "12", str(counter), "100000",
+    )  # fmt: skip  # the notice comes after the page is open, even with a slow UI start
     try:
         page = _page(browser)
         with ui_server(home) as server:
@@ -204,7 +204,7 @@ def test_a_preemption_shows_up_live_and_the_stop_button_stops(browser: Any, tmp_
             assert page.locator(".timeline .lane").count() == 1
 
             # The simulated notice comes; attempt 2 appears on the open page, without a reload.
-            page.locator('.lane[data-attempt="2"]:not(.waiting)').wait_for()
+            page.locator('.lane[data-attempt="2"]:not(.waiting)').wait_for(timeout=60_000)
             first = page.locator('.lane[data-attempt="1"]')
             assert first.locator(".outcome").inner_text() == "preempted"
             assert first.locator(".marker-notice").count() == 1
