@@ -68,25 +68,15 @@ def fsync_dir(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_writer(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(folder)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as fd, os.fdopen(fd, mode, closefd=False) as handle:
+        yield handle
+        handle.flush()
 
 
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[int]:
-    """``atomic_writer`` for a raw file descriptor: the same temp file, fsync, rename, folder fsync.
+    """The protocol under ``atomic_writer``, for a raw file descriptor: temp file, fsync, rename,
+    folder fsync.
 
     For writers that issue their own large ``os.write`` calls: a buffered file object would add
     nothing but a check per call, and ``sync_file_range`` needs the descriptor anyway."""
