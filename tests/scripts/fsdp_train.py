@@ -14,6 +14,7 @@ writes it to ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 
@@ -46,8 +47,11 @@ class CPUFSDPStrategy(FSDPStrategy):
 
 
 class Model(L.LightningModule):
-    def __init__(self, sigterm_at: str | None = None, sigkill_at: str | None = None) -> None:
+    def __init__(
+        self, sigterm_at: str | None = None, sigkill_at: str | None = None, ids_dir: str | None = None
+    ) -> None:
         super().__init__()
+        self.ids_dir = ids_dir
         self.sigterm_at = tuple(int(v) for v in sigterm_at.split(":")) if sigterm_at else None
         self.sigkill_at = tuple(int(v) for v in sigkill_at.split(":")) if sigkill_at else None
         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 2))
@@ -64,7 +68,11 @@ class Model(L.LightningModule):
         fully_shard(self.net, mesh=mesh)
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        x, y, _ = batch  # the sample ids are for other tests
+        x, y, idx = batch
+        if self.ids_dir:  # which samples each rank trained on, per attempt (exactly-once checks)
+            name = f"rank{self.global_rank}-attempt{os.environ.get('LIGHTNING_GRID_ATTEMPT', '0')}.jsonl"
+            with open(os.path.join(self.ids_dir, name), "a") as handle:
+                handle.write(json.dumps({"epoch": self.current_epoch, "ids": idx.tolist()}) + "\n")
         if (
             self.sigterm_at == (self.global_step, self.global_rank)
             and os.environ.get("LIGHTNING_GRID_ATTEMPT", "1") == "1"
@@ -114,6 +122,7 @@ def main() -> None:
         "--sigterm-at", default=None, help="STEP:RANK: that rank sends itself SIGTERM at that step"
     )
     p.add_argument("--sigkill-at", default=None, help="STEP:RANK: that rank SIGKILLs itself at that step")
+    p.add_argument("--ids", default=None, help="a folder: record the sample ids each rank trains on")
     args = p.parse_args()
     L.seed_everything(7, workers=True)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -137,7 +146,7 @@ def main() -> None:
         callbacks=callbacks,
     )
     loader = DataLoader(Numbers(args.samples), batch_size=args.batch_size, shuffle=True)
-    model = Model(args.sigterm_at, args.sigkill_at)
+    model = Model(args.sigterm_at, args.sigkill_at, args.ids)
     trainer.fit(model, loader)
     state = full_state(trainer)
     if trainer.is_global_zero:
