@@ -51,6 +51,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--announce", action="store_true")
     p.add_argument("--trace", action="store_true")
+    p.add_argument(
+        "--no-fast-exit", action="store_true", help="Resumable(fast_exit=False): the exit before it"
+    )
     p.add_argument("--logger", choices=["csv", "none"], default="csv")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--accelerator", default="cpu", help="cpu, or gpu: the state lives on the GPU")
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "callback":
         from lightning_grid import Resumable
 
-        callbacks.append(Resumable(every_n_train_steps=args.every_n_steps))
+        callbacks.append(Resumable(every_n_train_steps=args.every_n_steps, fast_exit=not args.no_fast_exit))
     elif args.every_n_steps is not None:
         os.environ.setdefault("LIGHTNING_GRID_EVERY_N_TRAIN_STEPS", str(args.every_n_steps))
     trainer = pl.Trainer(

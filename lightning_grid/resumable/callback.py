@@ -28,7 +28,6 @@ when no notice came: "the script finished", not "training finished".
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -54,7 +53,7 @@ from lightning_grid.errors import (
     StoreUnreachableError,
     StoreWriteError,
 )
-from lightning_grid.resumable import _lightning, ddp_buckets, reshard, rng, sharded
+from lightning_grid.resumable import _lightning, ddp_buckets, leaving, reshard, rng, sharded
 from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable, shield_workers
 from lightning_grid.resumable.signals import SignalFlag, guard
 from lightning_grid.shutdown import Plan, ShutdownNotice, read_notice
@@ -87,6 +86,7 @@ class _Process:
         self.last: tuple[CheckpointStore, CommitRecord] | None = None
         self.step = 0  # the last fit's global step
         self.marker_written = False
+        self.fast_exit = True  # the last fit's Resumable(fast_exit=...)
 
     def relative_name(self, store: CheckpointStore, record: CommitRecord) -> str:
         """The checkpoint's name as seen from the root (``fit-2/ckpt-...`` for a later stage)."""
@@ -137,7 +137,7 @@ def _on_signal_outside_fit(sig: signal.Signals) -> None:
         )
     else:
         log.info("lightning_grid: %s received; exiting with status 0", sig.name)
-    gc.freeze()
+    leaving.prepare(_process.fast_exit)
     raise Preempted(_process.step)
 
 
@@ -181,6 +181,10 @@ class Resumable(Callback):
             that warn with it.
         resume: look for the newest valid checkpoint at start and continue from it.
         storage_options: passed to fsspec (credentials, endpoint URLs).
+        fast_exit: once a preemption checkpoint is durable, end the process without the C-level exit
+            handlers of libraries loaded before the notice (libtorch's static destructors: ~0.2 s of
+            the window). Everything Python runs at exit still runs, and the exit status is kept.
+            False for a C library that must flush at exit (an HDF5 file left open).
     """
 
     def __init__(
@@ -193,6 +197,7 @@ class Resumable(Callback):
         resume: bool = True,
         storage_options: dict[str, Any] | None = None,
         train_time_interval: timedelta | None = None,
+        fast_exit: bool = True,
     ) -> None:
         if every_n_train_steps is not None and every_n_train_steps < 0:
             raise ValueError(f"every_n_train_steps must be >= 0 (0: off), got {every_n_train_steps}")
@@ -214,6 +219,7 @@ class Resumable(Callback):
         self.keep = keep
         self.resume = resume
         self.storage_options = storage_options
+        self.fast_exit = fast_exit
         self._flag = SignalFlag(signals)
         self._signal_numbers = tuple(int(s) for s in self._flag.signals)
         self._from_factory = False
@@ -268,6 +274,7 @@ class Resumable(Callback):
                 _process.root.clear_marker(COMPLETED_MARKER)
         trainer.strategy.barrier("lightning_grid.setup")
         guard.arm(self._signal_numbers, _on_signal_outside_fit, _at_exit)
+        _process.fast_exit = self.fast_exit
         self._flag.install()
         # Ours runs last at a batch end, so other callbacks' state for that batch is included. A new
         # list, because Lightning is iterating over the current one to call setup().
@@ -986,12 +993,8 @@ class Resumable(Callback):
             else:
                 log.info("lightning_grid: %s received; %s; exiting with status 0", signal_name, what)
         trainer.strategy.barrier("lightning_grid.preempted")
-        # Everything is durable now; what is left is leaving, in the notice's window. Tearing down
-        # an interpreter that imported torch and Lightning spends ~0.6 s in the collector's final
-        # passes over millions of objects. Frozen objects are skipped by them; modules are still
-        # cleared and reference-counted objects still finalised, and Python never promised to
-        # finalise cyclic garbage at exit anyway.
-        gc.freeze()
+        # Everything is durable now; what is left is leaving, in the notice's window.
+        leaving.prepare(self.fast_exit)
         guard.leave()  # until the process is gone, further signals change nothing
         raise Preempted(trainer.global_step)
 
@@ -1037,7 +1040,7 @@ class Resumable(Callback):
                     record.step,
                 )
         trainer.strategy.barrier("lightning_grid.preempted")
-        gc.freeze()
+        leaving.prepare(self.fast_exit)
         guard.leave()
         raise Preempted(trainer.global_step)
 

@@ -159,6 +159,23 @@ def test_notice_in_the_scripts_own_code_after_fit_is_a_preemption(tmp_path: Path
     _assert_finished_without_training(root, second, out, reference, expected)
 
 
+@pytest.mark.parametrize("kill", ["train:5", "train:23", "post:2"])
+def test_a_preempted_process_skips_c_exit_handlers_and_keeps_status_0(tmp_path: Path, kill: str) -> None:
+    """Leaving after the checkpoint (in fit, and in the script's code after it) ends the process at
+    C's exit: a C handler registered earlier (standing for libtorch's static destructors) aborts
+    the process if it ever runs. Without the fast exit it does, so the check can fail."""
+    out = tmp_path / "w.pt"
+    proc = _edges(tmp_path / "run", out, "--after", "post", "--kill", kill, "--c-exit-abort")
+    assert proc.returncode == 0, _output(proc)[-3000:]
+    assert _marker(tmp_path / "run", "PREEMPTED.json") is not None
+    assert "exiting with status 0" in _output(proc)
+    slow = _edges(
+        tmp_path / "slow", out, "--after", "post", "--kill", kill, "--c-exit-abort", "--no-fast-exit"
+    )
+    assert slow.returncode == -signal.SIGABRT, _output(slow)[-3000:]
+    assert _marker(tmp_path / "slow", "PREEMPTED.json") is not None  # durable before the exit
+
+
 @pytest.mark.slow
 def test_running_a_finished_command_again_trains_nothing(tmp_path: Path) -> None:
     """Issue 14.5: the same command after it finished restores the final state and says so."""

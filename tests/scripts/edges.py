@@ -44,6 +44,12 @@ def parse() -> argparse.Namespace:
         "--sleep", type=float, default=0.0, help="seconds per train step / test batch / post iteration"
     )
     p.add_argument("--kill", action="append", default=[], help="train:N, test:N or post:N")
+    p.add_argument(
+        "--c-exit-abort",
+        action="store_true",
+        help="register a C exit handler that aborts (as a library's static destructor that crashes)",
+    )
+    p.add_argument("--no-fast-exit", action="store_true", help="Resumable(fast_exit=False)")
     return p.parse_args()
 
 
@@ -151,13 +157,19 @@ def fire(specs: list[tuple[str, int]], root: str, where: str, n: int) -> None:
 
 def main() -> int:
     args = parse()
+    if args.c_exit_abort:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.on_exit.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        libc.on_exit(ctypes.cast(libc.abort, ctypes.c_void_p), None)
     pl.seed_everything(1234, verbose=False)
     model = Net(args.sleep)
     callbacks: list[pl.Callback] = [Probe(args.kill, args.root)]
     if args.mode == "callback":
         from lightning_grid import Resumable
 
-        callbacks.append(Resumable())
+        callbacks.append(Resumable(fast_exit=not args.no_fast_exit))
     trainer = pl.Trainer(
         default_root_dir=args.root,
         max_epochs=args.epochs,
