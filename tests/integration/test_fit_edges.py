@@ -159,7 +159,14 @@ def test_notice_in_the_scripts_own_code_after_fit_is_a_preemption(tmp_path: Path
     _assert_finished_without_training(root, second, out, reference, expected)
 
 
-@pytest.mark.parametrize("kill", ["train:5", "train:23", "post:2"])
+@pytest.mark.parametrize(
+    "kill",
+    [
+        "train:5",
+        pytest.param("train:23", marks=pytest.mark.slow),
+        pytest.param("post:2", marks=pytest.mark.slow),
+    ],
+)
 def test_a_preempted_process_skips_c_exit_handlers_and_keeps_status_0(tmp_path: Path, kill: str) -> None:
     """Leaving after the checkpoint (in fit, and in the script's code after it) ends the process at
     C's exit: a C handler registered earlier (standing for libtorch's static destructors) aborts
