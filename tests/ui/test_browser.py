@@ -208,6 +208,8 @@ def test_a_preemption_shows_up_live_and_the_stop_button_stops(browser: Any, tmp_
             first = page.locator('.lane[data-attempt="1"]')
             assert first.locator(".outcome").inner_text() == "preempted"
             assert first.locator(".marker-notice").count() == 1
+            # Attempt 2 shows from its start (restoring); the page follows it to running on its own.
+            page.locator("#status", has_text="running").wait_for(timeout=60_000)
             assert page.locator("#status").inner_text() == "running"
             assert page.evaluate("window.__sameDocument") is True
             page.locator('details.log[data-attempt="2"] pre').filter(
