@@ -54,6 +54,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-fast-exit", action="store_true", help="Resumable(fast_exit=False): the exit before it"
     )
+    p.add_argument(
+        "--end-at-once",
+        action="store_true",
+        help="after fit, print 'ENDING <t>' and os._exit(0): the floor of any process's end",
+    )
     p.add_argument("--logger", choices=["csv", "none"], default="csv")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--accelerator", default="cpu", help="cpu, or gpu: the state lives on the GPU")
@@ -248,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer.fit(model, loader)
     say("FINISHED", trainer.global_step, time.monotonic())
+    if args.end_at_once:
+        say("ENDING", time.monotonic())
+        os._exit(0)
     return 0
 
 

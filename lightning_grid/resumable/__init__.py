@@ -11,14 +11,15 @@ from typing import TYPE_CHECKING
 from lightning_grid._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from lightning_grid.resumable.callback import Preempted, Resumable
+    from lightning_grid.resumable.callback import Resumable
+    from lightning_grid.resumable.leaving import Preempted
     from lightning_grid.resumable.trainer import Trainer
 
 __all__ = ["Resumable", "Trainer", "Preempted"]
 
 _LAZY = {
     "Resumable": "lightning_grid.resumable.callback",
-    "Preempted": "lightning_grid.resumable.callback",
+    "Preempted": "lightning_grid.resumable.leaving",
     "Trainer": "lightning_grid.resumable.trainer",
 }
 

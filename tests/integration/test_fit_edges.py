@@ -172,15 +172,24 @@ def test_a_preempted_process_skips_c_exit_handlers_and_keeps_status_0(tmp_path: 
     C's exit: a C handler registered earlier (standing for libtorch's static destructors) aborts
     the process if it ever runs. Without the fast exit it does, so the check can fail."""
     out = tmp_path / "w.pt"
-    proc = _edges(tmp_path / "run", out, "--after", "post", "--kill", kill, "--c-exit-abort")
-    assert proc.returncode == 0, _output(proc)[-3000:]
-    assert _marker(tmp_path / "run", "PREEMPTED.json") is not None
-    assert "exiting with status 0" in _output(proc)
-    slow = _edges(
-        tmp_path / "slow", out, "--after", "post", "--kill", kill, "--c-exit-abort", "--no-fast-exit"
-    )
-    assert slow.returncode == -signal.SIGABRT, _output(slow)[-3000:]
-    assert _marker(tmp_path / "slow", "PREEMPTED.json") is not None  # durable before the exit
+    runs, probes = {}, {}
+    for name, extra in (("fast", ()), ("slow", ("--no-fast-exit",))):
+        probes[name] = tmp_path / f"{name}-probes"
+        probes[name].mkdir()
+        runs[name] = _edges(
+            tmp_path / name, out, "--after", "post", "--kill", kill, "--c-exit-abort", *extra,
+            "--exit-probes", str(probes[name]),
+        )  # fmt: skip
+        assert _marker(tmp_path / name, "PREEMPTED.json") is not None  # durable before the exit
+        assert (probes[name] / "global-file").read_text() == "a line still in the buffer\n"
+    assert runs["fast"].returncode == 0, _output(runs["fast"])[-3000:]
+    assert "exiting with status 0" in _output(runs["fast"])
+    # Preempted reached the top of the script: the process ended before module teardown (no
+    # __del__ of the global), after flushing the script's open global file.
+    assert not (probes["fast"] / "teardown").exists()
+    # The usual exit: teardown, then C's handlers (the abort).
+    assert runs["slow"].returncode == -signal.SIGABRT, _output(runs["slow"])[-3000:]
+    assert (probes["slow"] / "teardown").read_text() == "ran"
 
 
 @pytest.mark.slow

@@ -50,7 +50,26 @@ def parse() -> argparse.Namespace:
         help="register a C exit handler that aborts (as a library's static destructor that crashes)",
     )
     p.add_argument("--no-fast-exit", action="store_true", help="Resumable(fast_exit=False)")
+    p.add_argument(
+        "--exit-probes",
+        default=None,
+        help="folder: a global file left open with a line in its buffer, and a global whose __del__"
+        " (run by module teardown only) writes 'teardown'",
+    )
     return p.parse_args()
+
+
+class OnTeardown:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.open = open  # teardown may have cleared the builtins' name by the time __del__ runs
+
+    def __del__(self) -> None:
+        with self.open(self.path, "w") as handle:
+            handle.write("ran")
+
+
+_probes: list[object] = []  # module globals, as a script's own would be
 
 
 def tensors(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +176,10 @@ def fire(specs: list[tuple[str, int]], root: str, where: str, n: int) -> None:
 
 def main() -> int:
     args = parse()
+    if args.exit_probes:
+        notes = open(os.path.join(args.exit_probes, "global-file"), "w")  # noqa: SIM115 (left open on purpose)
+        notes.write("a line still in the buffer\n")
+        _probes.extend([notes, OnTeardown(os.path.join(args.exit_probes, "teardown"))])
     if args.c_exit_abort:
         import ctypes
 
