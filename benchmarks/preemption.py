@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 import time
 
 from benchmarks.common import (
@@ -51,12 +50,12 @@ def _sigterm_once(
     return exited - sent, files[-1].stat().st_size, max(done)
 
 
-def _process_end_floor(state_mb: float, reps: int) -> Stat:
+def _process_end_floor(work: str, state_mb: float, reps: int) -> Stat:
     """Seconds from a trained process's last line to its end by ``os._exit``, with the same state:
     no save and no exit work, only the kernel tearing the process down and the parent seeing it."""
     samples = []
     for _ in range(reps):
-        root = tempfile.mkdtemp(prefix="floor-")
+        root = fresh_dir(work, "floor")
         proc = Proc(
             train_cmd(
                 root, "--state-mb", str(state_mb), "--mode", "plain", "--max-steps", "5", "--end-at-once"
@@ -126,7 +125,7 @@ def sigterm_to_exit(settings: Settings) -> tuple[list[Row], dict]:
             )
         )
         curve.append({"mb": size / 1e6, "exit": value, "raw": raw_stat})
-    floor = _process_end_floor(settings.state_mb[0], settings.reps)
+    floor = _process_end_floor(settings.work, settings.state_mb[0], settings.reps)
     fixed = rows[0]
     rows.append(
         Row(

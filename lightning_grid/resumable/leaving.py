@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import gc
 import io
 import logging
@@ -107,9 +108,8 @@ def _status_read(code: object, caller: FrameType | None) -> None:
     :class:`Preempted`: finish Python's exit work and end with ``code``."""
     if not _end_at_top or caller is not None or threading.current_thread() is not threading.main_thread():
         return
-    if not isinstance(code, int) or isinstance(code, bool):
-        return
-    _end_now(code)
+    if isinstance(code, int):
+        _end_now(code)
 
 
 def _end_now(status: int) -> None:
@@ -118,6 +118,9 @@ def _end_now(status: int) -> None:
     #    non-daemon thread joined: the interpreter's first step, the same function it calls.
     threading._shutdown()  # type: ignore[attr-defined]
     # 2. atexit handlers, newest first; an exception is printed and does not change the status.
+    #    Our own file flush (registered by prepare) waits for step 3: handlers registered before
+    #    it, which run after it, may still write.
+    atexit.unregister(_flush_files_of_user_modules)
     atexit._run_exitfuncs()
     # 3. What module teardown would have shown: files the script's own modules opened and never
     #    closed get what is in their buffers.
@@ -147,18 +150,19 @@ def _is_installed(module: object) -> bool:
         return False
     if module.__name__.partition(".")[0] == "lightning_grid":
         return True
-    if not _installed_roots:
-        paths = sysconfig.get_paths()
-        roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
-        _installed_roots.extend(
-            {os.path.join(p, "") for root in roots for p in (root, os.path.realpath(root))}
-        )
     origin = vars(module).get("__file__")
-    return not isinstance(origin, str) or origin.startswith(tuple(_installed_roots))
+    return not isinstance(origin, str) or origin.startswith(_installed_roots())
+
+
+@functools.cache
+def _installed_roots() -> tuple[str, ...]:
+    """The standard library's and the installed packages' folders, as given and resolved."""
+    paths = sysconfig.get_paths()
+    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    return tuple({os.path.join(p, "") for root in roots for p in (root, os.path.realpath(root))})
 
 
 _installed_modules: set[str] = set()
-_installed_roots: list[str] = []
 
 
 def _flush_files_of_user_modules() -> None:
