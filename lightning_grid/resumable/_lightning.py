@@ -48,6 +48,7 @@ __all__ = [
     "tolerate_same_cli_config",
     "saves_sharded",
     "sharded_metadata_file",
+    "sharded_dcp_state",
     "PROCESS_START",
 ]
 
@@ -424,3 +425,17 @@ def sharded_metadata_file() -> str:
     from lightning.fabric.utilities.load import _METADATA_FILENAME
 
     return str(_METADATA_FILENAME)
+
+
+def sharded_dcp_state(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What the sharded strategy's own ``save_checkpoint`` hands to DCP, taken out of Lightning's
+    checkpoint dict (which keeps the rest: Lightning's ``meta.pt``): the model shard under the key
+    its ``load_checkpoint`` reads (``"model"`` for FSDP, ``"state_dict"`` for ModelParallel) and
+    each optimizer's as ``optimizer_<i>``. Needed to hand the same dict to DCP's ``async_save``,
+    which the strategies do not call."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    key = "state_dict" if isinstance(trainer.strategy, ModelParallelStrategy) else "model"
+    state = {key: checkpoint.pop("state_dict")}
+    state.update({f"optimizer_{i}": o for i, o in enumerate(checkpoint.pop("optimizer_states", []))})
+    return state

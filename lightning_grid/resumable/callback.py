@@ -288,6 +288,9 @@ class Resumable(Callback):
         self._resume_rng: dict[str, Any] | None = None
         self._writer: threading.Thread | None = None
         self._write_error: BaseException | None = None
+        # A periodic sharded save DCP is still writing (on every rank), and DCP's own gloo group.
+        self._in_flight: sharded.InFlight | None = None
+        self._dcp_group: Any = None
         self._exit_after_commit = False
         self._awaiting_flush = False
         self._val_iterated = False
@@ -582,9 +585,16 @@ class Resumable(Callback):
             and _lightning.validation_due_after_batch(trainer)
         ):
             self._rng_before_val = rng.capture()
-        signalled, due, busy = self._agree(
-            trainer, bool(self._flag), self._periodic_due(trainer), self._writer is not None
+        in_flight = self._in_flight
+        signalled, due, busy, writing = self._agree(
+            trainer,
+            bool(self._flag),
+            self._periodic_due(trainer),
+            self._writer is not None or in_flight is not None,
+            in_flight is not None and in_flight.running(),
         )
+        if in_flight is not None and not writing:
+            self._finish_in_flight(trainer)  # every rank's part is written: commit it
         plan = None
         if signalled:
             plan = self._plan = self._plan or self._agreed_plan(
@@ -685,14 +695,19 @@ class Resumable(Callback):
         return bool(self.every_n_seconds and time.monotonic() - self._last_save_time >= self.every_n_seconds)
 
     @staticmethod
-    def _agree(trainer: pl.Trainer, signalled: bool, due: bool, busy: bool) -> tuple[bool, bool, bool]:
+    def _agree(
+        trainer: pl.Trainer, signalled: bool, due: bool, busy: bool, writing: bool = False
+    ) -> tuple[bool, bool, bool, bool]:
         """All ranks must cut the same checkpoint: a signal, a due save or a write still in flight
-        (only rank 0 writes) on any rank counts for all."""
+        (only rank 0 writes; with sharded saves, a background write on any rank: ``writing``) on any
+        rank counts for all."""
         if not _distributed(trainer):
-            return signalled, due, busy
-        flags = torch.tensor([int(signalled), int(due), int(busy)], device=trainer.strategy.root_device)
-        flags = trainer.strategy.reduce(flags, reduce_op="max")  # one collective for the three
-        return bool(flags[0].item()), bool(flags[1].item()), bool(flags[2].item())
+            return signalled, due, busy, writing
+        flags = torch.tensor(
+            [int(signalled), int(due), int(busy), int(writing)], device=trainer.strategy.root_device
+        )
+        flags = trainer.strategy.reduce(flags, reduce_op="max")  # one collective for the four
+        return bool(flags[0].item()), bool(flags[1].item()), bool(flags[2].item()), bool(flags[3].item())
 
     @staticmethod
     def _is_clean_cut(trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -718,9 +733,7 @@ class Resumable(Callback):
     def _save(
         self, trainer: pl.Trainer, consumed: int, reason: str, copy_tensors: bool, spool: str | None = None
     ) -> None:
-        if self._writer is not None:
-            self._release_commit(trainer)
-            self._reap_writer()
+        self._settle(trainer)
         started = time.monotonic()
         main_rng = rng.capture()
         final = reason == "final"
@@ -757,7 +770,9 @@ class Resumable(Callback):
         self._awaiting_flush = True
         # -- sharded strategies (FSDP/DCP): every rank writes its shard, see sharded.py -------------
         if sharded.enabled(trainer):
-            self._save_sharded(trainer, checkpoint, step, reason, consumed, mine["logged_step"], started)
+            self._save_sharded(
+                trainer, checkpoint, step, reason, consumed, mine["logged_step"], started, copy_tensors
+            )
             return
         # -- end sharded ---------------------------------------------------------------------------
         if not trainer.is_global_zero:
@@ -833,10 +848,13 @@ class Resumable(Callback):
         consumed: int,
         logged_step: Any,
         started: float,
+        copy_tensors: bool,
     ) -> None:
-        """Every rank writes its part now (training waits); rank 0 commits the folder in the writer
-        thread once the saved step's logs are flushed, as for a single file. A spool (the
-        launcher's ``local`` plan) is not used: the folder goes to the store directly."""
+        """Every rank writes its part now (training waits), or, for a periodic save (training
+        goes on: ``copy_tensors``), DCP snapshots it and writes it in the background until a later
+        batch end. Rank 0 commits the folder in the writer thread once the saved step's logs are
+        flushed, as for a single file. A spool (the launcher's ``local`` plan) is not used: the
+        folder goes to the store directly."""
         assert self.store is not None
         meta = {
             "epoch": trainer.current_epoch,
@@ -844,15 +862,40 @@ class Resumable(Callback):
             "logged_step": logged_step,
             "dump_s": round(time.monotonic() - started, 4),
         }
+        if trainer.is_global_zero:
+            self._logs_flushed.clear()
+            self._write_error = None
+        if copy_tensors and sharded.async_capable():
+            if self._dcp_group is None:
+                self._dcp_group = sharded.writer_group()
+            self._in_flight = sharded.start_async(
+                trainer, self.store, checkpoint, step, reason, meta, self._dcp_group
+            )
+            return
         outcome: sharded.Pending | BaseException | None
         try:
             outcome = sharded.write(trainer, self.store, checkpoint, step, reason, meta)
         except StoreError as exc:  # on every rank alike; rank 0 reports it as the writer would
             outcome = exc
+        self._start_commit(trainer, outcome, step, reason)
+
+    def _finish_in_flight(self, trainer: pl.Trainer) -> None:
+        """Every rank, at the same batch end: the background write is done (or is waited for);
+        rank 0 commits it."""
+        in_flight, self._in_flight = self._in_flight, None
+        assert in_flight is not None
+        outcome: sharded.Pending | BaseException | None
+        try:
+            outcome = sharded.finish_async(trainer, in_flight)
+        except StoreError as exc:
+            outcome = exc
+        self._start_commit(trainer, outcome, in_flight.step, in_flight.reason)
+
+    def _start_commit(
+        self, trainer: pl.Trainer, outcome: sharded.Pending | BaseException | None, step: int, reason: str
+    ) -> None:
         if not trainer.is_global_zero:
             return
-        self._logs_flushed.clear()
-        self._write_error = None
         self._writer = threading.Thread(
             target=self._commit_sharded,
             args=(outcome, step, reason),
@@ -891,6 +934,15 @@ class Resumable(Callback):
                 f"saving a checkpoint to {self.store.url if self.store else '?'} failed: {error}"
             ) from error
 
+    def _settle(self, trainer: pl.Trainer) -> None:
+        """Every rank, before a checkpoint is cut or the run leaves: the save still being written
+        is committed first (a sharded one still in flight is waited for)."""
+        if self._in_flight is not None:
+            self._finish_in_flight(trainer)
+        if self._writer is not None:
+            self._release_commit(trainer)
+            self._reap_writer()
+
     def _release_commit(self, trainer: pl.Trainer) -> None:
         """The saved batch's metrics were logged after the cut: make them durable, then let the
         writer commit the checkpoint."""
@@ -907,6 +959,9 @@ class Resumable(Callback):
     def _finish_preemption(self, trainer: pl.Trainer) -> None:
         save_error: StoreError | None = None
         try:
+            if self._in_flight is not None:  # a periodic sharded save: every rank is here
+                self._finish_in_flight(trainer)
+                self._release_commit(trainer)
             self._reap_writer()
         except StoreError as exc:
             # The preemption save failed (a full disk, a store that did not come back): the newest
@@ -996,9 +1051,7 @@ class Resumable(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active:
             return
-        if self._writer is not None:
-            self._release_commit(trainer)
-            self._reap_writer()
+        self._settle(trainer)
         # The final checkpoint: a relaunch after this point (a notice in the code after fit, or the
         # same command run again) restores it and trains nothing. Synchronous: fit() returns only
         # once it is committed.
@@ -1043,6 +1096,10 @@ class Resumable(Callback):
     ) -> None:
         if not self._active or isinstance(exception, Preempted):
             return
+        if self._in_flight is not None:
+            # Other ranks may never reach a collective again: this rank's write only ends.
+            sharded.abandon_async(self._in_flight)
+            self._in_flight = None
         if self._writer is not None:
             # Commit what was being written: it is consistent, and the logs up to it are flushed now.
             self._release_commit(trainer)

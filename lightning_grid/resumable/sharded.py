@@ -17,6 +17,14 @@ synchronously (training waits for the write):
 4. rank 0 writes the commit record, listing every file with its sha256 and size, once the saved
    step's logs are flushed (in the callback's writer thread, as for a single file).
 
+Periodic saves do not hold training up for the write (with a torch whose DCP stages every tensor,
+see :func:`async_capable`): every rank hands its shard to DCP's ``async_save``, which copies it
+into its own buffers and returns; DCP writes the files in a background thread, with its own
+collectives on a gloo group of their own (:func:`writer_group`), while training goes on. At a
+later batch end at which every rank's write is done (the callback's per-batch agreement says so),
+steps 3 and 4 run as above: :func:`finish_async`. A preemption or the final save first waits for
+a periodic write still in flight and commits it.
+
 A folder without a record (a rank killed mid-write) is never trusted and is removed like any
 uncommitted payload; discovery verifies every listed file, so a missing or damaged shard makes
 the previous checkpoint the resume point. On resume every rank reads ``meta.pt`` at set-up (it is
@@ -27,10 +35,13 @@ model and built the optimizers (``on_fit_start``, before Lightning restores the 
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import logging
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +52,21 @@ from lightning_grid.checkpoints import CheckpointStore, CommitRecord
 from lightning_grid.errors import StoreError, StoreWriteError, UsageError
 from lightning_grid.resumable import _lightning
 
-__all__ = ["enabled", "check_store", "Pending", "write", "commit", "read_metadata", "restore_shards"]
+__all__ = [
+    "enabled",
+    "check_store",
+    "Pending",
+    "write",
+    "async_capable",
+    "writer_group",
+    "InFlight",
+    "start_async",
+    "finish_async",
+    "abandon_async",
+    "commit",
+    "read_metadata",
+    "restore_shards",
+]
 
 log = logging.getLogger("lightning_grid")
 
@@ -123,6 +148,22 @@ def write(
         error = None
     except Exception as exc:  # DCP reports a rank's failure (its CheckpointException) on every rank
         files, error = {}, f"rank {rank}: {exc}"
+    return _collect(trainer, folder, name, step, reason, meta, files, error, started)
+
+
+def _collect(
+    trainer: pl.Trainer,
+    folder: str,
+    name: str,
+    step: int,
+    reason: str,
+    meta: dict[str, Any],
+    files: dict[str, dict[str, Any]],
+    error: str | None,
+    started: float,
+) -> Pending | None:
+    """Every rank, once its files are written (``files``: its own, durable and hashed) or its write
+    failed (``error``): what rank 0 is to commit."""
     # The one collective after the write: every rank takes part, failed or not (a barrier skipped by
     # a failed rank would leave the others waiting), and rank 0 lists the folder only after it.
     gathered: list[Any] = [None] * trainer.world_size
@@ -149,6 +190,163 @@ def write(
         raise StoreWriteError(f"the step {step} sharded checkpoint {folder} has no {metadata}")
     timings = {"write_s": round(time.monotonic() - started, 4), "upload_s": 0.0, "ranks": trainer.world_size}
     return Pending(name, step, reason, everything, {**meta, **timings})
+
+
+def async_capable() -> bool:
+    """Whether this torch's DCP ``async_save`` takes a snapshot before it returns.
+
+    Since DCP's ``DefaultStager``, ``async_save`` copies every tensor, CPU ones too,
+    into staging buffers of its own, so training may change the live shards while the files are
+    written (pinned by ``tests/integration/test_sharded.py``). Before it, CPU tensors went to the
+    writer thread as they were: there periodic sharded saves stay synchronous."""
+    try:
+        from torch.distributed.checkpoint import async_save
+        from torch.distributed.checkpoint.staging import DefaultStager  # noqa: F401
+    except ImportError:
+        return False
+    return "async_stager" in inspect.signature(async_save).parameters
+
+
+class _DeepCopyStager:
+    """DCP's staging (its ``AsyncStager`` protocol) for a state holding FSDP's ``ShardedTensor``,
+    which DCP's ``DefaultStager`` cannot copy (it asks one for a ``data_ptr``): ``copy.deepcopy``,
+    which ``ShardedTensor`` implements shard by shard. Lightning's sharded state dicts are
+    offloaded to CPU (``offload_to_cpu=True``), so the copies are in host memory."""
+
+    _synchronize_after_execute = False
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return copy.deepcopy(state_dict)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _holds_sharded_tensor(obj: Any) -> bool:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(obj, ShardedTensor):
+        return True
+    if isinstance(obj, dict):
+        return any(_holds_sharded_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_sharded_tensor(v) for v in obj)
+    return False
+
+
+def writer_group() -> Any:
+    """A gloo group of every rank for DCP's background writes (None without torch.distributed).
+
+    DCP's writer thread runs collectives of its own (the save plan, then the results); on the
+    training's group they would interleave with the training's, and ``async_save`` needs a CPU
+    backend, which an NCCL-only group lacks. A collective: every rank calls it at the same point."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    return torch.distributed.new_group(backend="gloo")
+
+
+@dataclass
+class InFlight:
+    """A periodic folder save that DCP is writing in a background thread, on every rank."""
+
+    name: str
+    folder: str
+    step: int
+    reason: str
+    meta: dict[str, Any]
+    future: Future[Any]
+    started: float
+    error: str | None = None  # rank 0: Lightning's meta.pt could not be written
+    done_at: float | None = None  # when DCP's write ended (its thread sets it)
+
+    def running(self) -> bool:
+        return not self.future.done()
+
+
+def start_async(
+    trainer: pl.Trainer,
+    store: CheckpointStore,
+    checkpoint: dict[str, Any],
+    step: int,
+    reason: str,
+    meta: dict[str, Any],
+    group: Any,
+) -> InFlight:
+    """Every rank: snapshot this rank's shards and start writing them; training may go on as soon
+    as this returns. :func:`finish_async`, on every rank, makes the folder a :class:`Pending`."""
+    from torch.distributed.checkpoint import async_save
+
+    check_store(trainer, store)
+    started = time.monotonic()
+    name = trainer.strategy.broadcast(f"ckpt-{step:010d}-{time.time_ns() // 1_000_000}{_FOLDER_SUFFIX}")
+    folder = store.folder_path(name)
+    os.makedirs(folder, exist_ok=True)
+    state = _lightning.sharded_dcp_state(trainer, checkpoint)
+    stager = _DeepCopyStager() if _holds_sharded_tensor(state) else None  # None: DCP's DefaultStager
+    response = async_save(
+        state, checkpoint_id=folder, process_group=group, no_dist=group is None, async_stager=stager
+    )
+    # Both stagers copy before async_save returns, so it returns the write's future (an
+    # AsyncSaveResponse only comes with staging in the background).
+    future = response if isinstance(response, Future) else response.upload_completion
+    inflight = InFlight(name, folder, step, reason, meta, future, started)
+    future.add_done_callback(lambda _: setattr(inflight, "done_at", time.monotonic()))
+    if trainer.is_global_zero:
+        try:  # what is left of the checkpoint (loops, callbacks, our positions): small, written now
+            torch.save(checkpoint, os.path.join(folder, _lightning.sharded_metadata_file()))
+        except Exception as exc:
+            inflight.error = f"rank 0: {exc}"
+    inflight.meta = {**meta, "async": True, "stall_s": round(time.monotonic() - started, 4)}
+    return inflight
+
+
+def finish_async(trainer: pl.Trainer, inflight: InFlight) -> Pending | None:
+    """Every rank, at the same point (a collective): wait for this rank's write, then as
+    :func:`write` does after it. Returns on rank 0 what to commit."""
+    rank = trainer.global_rank
+    begun = time.monotonic()
+    files: dict[str, dict[str, Any]] = {}
+    error = inflight.error
+    try:
+        inflight.future.result()
+        if error is None:
+            files = {
+                n: _durable_digest(os.path.join(inflight.folder, n))
+                for n in _own_files(inflight.folder, rank)
+            }
+    except Exception as exc:  # DCP's CheckpointException, on every rank alike
+        error = f"rank {rank}: {exc}"
+    meta = {**inflight.meta, "finished_at_step": trainer.global_step}
+    # The record's write_s is what the launcher plans a notice's window with: the write's own time,
+    # not the training between its end and the batch end at which it was collected.
+    idle = max(0.0, begun - inflight.done_at) if inflight.done_at is not None else 0.0
+    return _collect(
+        trainer,
+        inflight.folder,
+        inflight.name,
+        inflight.step,
+        inflight.reason,
+        meta,
+        files,
+        error,
+        inflight.started + idle,
+    )
+
+
+def abandon_async(inflight: InFlight) -> None:
+    """After an exception in training (no collective is safe then): let this rank's write end, and
+    commit nothing. The folder has no record, so it is never trusted and is removed later."""
+    try:
+        inflight.future.result()
+    except Exception as exc:
+        log.debug("lightning_grid: the abandoned sharded save %s failed: %s", inflight.name, exc)
 
 
 def commit(store: CheckpointStore, pending: Pending) -> CommitRecord:

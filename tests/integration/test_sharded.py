@@ -123,18 +123,52 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "modelparallel"])
 def test_sigkill_resumes_from_the_last_periodic_checkpoint(
-    tmp_path: Path, references: Callable[[str], Path]
+    tmp_path: Path, references: Callable[[str], Path], strategy: str
 ) -> None:
+    """Periodic sharded saves are written by DCP in the background while training goes on (each
+    was committed at a later step than the one it holds), from a snapshot: training changed the
+    live shards meanwhile, and resuming from one is still bit-identical."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "w.pt"
-    _torchrun(ckpt, out, "--every-n-steps", "4", "--sigkill-at", "10:1", ok=False)
-    newest = _records(ckpt)[0]
-    # The newest whose commit got through before the kill (the step-8 one unless the machine is slow).
+    _torchrun(ckpt, out, "--every-n-steps", "4", "--sigkill-at", "10:1", "--strategy", strategy, ok=False)
+    records = _records(ckpt)
+    newest = records[0]
+    # The newest whose commit got through before the kill (the step-4 or step-8 one).
     assert 4 <= newest.step <= 10 and newest.reason == "periodic", newest
+    for record in records:
+        assert record.meta["async"] is True and record.meta["finished_at_step"] > record.step, record.meta
     assert not (ckpt / "PREEMPTED.json").exists()
-    second = _torchrun(ckpt, out, "--every-n-steps", "4", "--sigkill-at", "10:1", attempt="2")
+    second = _torchrun(
+        ckpt, out, "--every-n-steps", "4", "--sigkill-at", "10:1", "--strategy", strategy, attempt="2"
+    )
     assert f"resuming from {ckpt / newest.name} (step {newest.step}, periodic)" in second
-    assert_bit_identical(references("fsdp"), out)
+    assert_bit_identical(references(strategy), out)
+
+
+def test_dcp_async_save_writes_a_snapshot_of_cpu_tensors(tmp_path: Path) -> None:
+    """What periodic sharded saves rely on (``sharded.async_capable``): once ``async_save`` has
+    returned, changing the live tensors does not change what is written; a state holding FSDP's
+    ShardedTensor is staged by ``copy.deepcopy`` instead (DCP's own stager cannot copy one)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_grid.resumable import sharded
+
+    assert sharded.async_capable()
+    live = torch.zeros(1 << 20)
+    future = dcp.async_save({"model": {"w": live}}, checkpoint_id=str(tmp_path), no_dist=True)
+    live.add_(1)  # training goes on
+    future.result()
+    back = {"model": {"w": torch.ones(1 << 20)}}
+    dcp.load(back, checkpoint_id=str(tmp_path), no_dist=True)
+    assert torch.count_nonzero(back["model"]["w"]) == 0
+    stager = sharded._DeepCopyStager()
+    state = {"optimizer_0": {"state": {"w": {"exp_avg": live}}}}
+    staged = stager.stage(state)
+    live.add_(1)
+    assert torch.equal(staged["optimizer_0"]["state"]["w"]["exp_avg"], torch.ones(1 << 20))
+    assert not sharded._holds_sharded_tensor(state)
 
 
 @pytest.mark.slow
@@ -251,6 +285,14 @@ def test_lightning_internals_for_sharded_checkpoints() -> None:
     assert not sharded(ModelParallelStrategy(save_distributed_checkpoint=False))
     assert not sharded(DDPStrategy())
     assert _lightning.sharded_metadata_file() == "meta.pt"
+    # The keys each strategy's load_checkpoint reads its model and optimizer shards from.
+    for strategy, key in (
+        (FSDPStrategy(state_dict_type="sharded"), "model"),
+        (ModelParallelStrategy(), "state_dict"),
+    ):
+        checkpoint = {"state_dict": {"w": 1}, "optimizer_states": [{"s": 2}], "loops": {}}
+        state = _lightning.sharded_dcp_state(SimpleNamespace(strategy=strategy), checkpoint)  # type: ignore[arg-type]
+        assert state == {key: {"w": 1}, "optimizer_0": {"s": 2}} and checkpoint == {"loops": {}}
 
 
 def test_a_store_every_rank_cannot_write_to_is_refused() -> None:

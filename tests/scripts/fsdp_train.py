@@ -48,13 +48,17 @@ class CPUFSDPStrategy(FSDPStrategy):
 
 class Model(L.LightningModule):
     def __init__(
-        self, sigterm_at: str | None = None, sigkill_at: str | None = None, ids_dir: str | None = None
+        self,
+        sigterm_at: str | None = None,
+        sigkill_at: str | None = None,
+        ids_dir: str | None = None,
+        hidden: int = 32,
     ) -> None:
         super().__init__()
         self.ids_dir = ids_dir
         self.sigterm_at = tuple(int(v) for v in sigterm_at.split(":")) if sigterm_at else None
         self.sigkill_at = tuple(int(v) for v in sigkill_at.split(":")) if sigkill_at else None
-        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 2))
+        self.net = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 2))
 
     def configure_model(self) -> None:
         if not isinstance(self.trainer.strategy, ModelParallelStrategy):
@@ -123,6 +127,7 @@ def main() -> None:
     )
     p.add_argument("--sigkill-at", default=None, help="STEP:RANK: that rank SIGKILLs itself at that step")
     p.add_argument("--ids", default=None, help="a folder: record the sample ids each rank trains on")
+    p.add_argument("--hidden", type=int, default=32, help="the hidden layer's width (a bigger state to save)")
     args = p.parse_args()
     L.seed_everything(7, workers=True)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -146,7 +151,7 @@ def main() -> None:
         callbacks=callbacks,
     )
     loader = DataLoader(Numbers(args.samples), batch_size=args.batch_size, shuffle=True)
-    model = Model(args.sigterm_at, args.sigkill_at, args.ids)
+    model = Model(args.sigterm_at, args.sigkill_at, args.ids, args.hidden)
     trainer.fit(model, loader)
     state = full_state(trainer)
     if trainer.is_global_zero:
