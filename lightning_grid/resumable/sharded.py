@@ -120,6 +120,13 @@ def check_store(trainer: pl.Trainer, store: CheckpointStore) -> None:
         )
 
 
+def _new_folder(trainer: pl.Trainer, store: CheckpointStore, step: int) -> tuple[str, str]:
+    """Every rank: the new checkpoint folder's name, as rank 0 picked it, and its path."""
+    check_store(trainer, store)
+    name = trainer.strategy.broadcast(f"ckpt-{step:010d}-{time.time_ns() // 1_000_000}{_FOLDER_SUFFIX}")
+    return name, store.folder_path(name)
+
+
 def write(
     trainer: pl.Trainer,
     store: CheckpointStore,
@@ -133,11 +140,9 @@ def write(
     Returns, on rank 0, what its commit record is to say (None elsewhere). A write that failed on
     any rank raises ``StoreWriteError`` on every rank (DCP reports a failure on all of them); a
     store that cannot hold a folder written by every rank raises ``UsageError`` on every rank."""
-    check_store(trainer, store)
     started = time.monotonic()
+    name, folder = _new_folder(trainer, store, step)
     strategy = trainer.strategy
-    name = strategy.broadcast(f"ckpt-{step:010d}-{time.time_ns() // 1_000_000}{_FOLDER_SUFFIX}")
-    folder = store.folder_path(name)
     rank = trainer.global_rank
     try:
         # The strategy makes the folder on every rank; DCP writes each rank's shard (and, on rank 0,
@@ -201,17 +206,15 @@ def async_capable() -> bool:
     writer thread as they were: there periodic sharded saves stay synchronous."""
     try:
         from torch.distributed.checkpoint import async_save
-        from torch.distributed.checkpoint.staging import DefaultStager  # noqa: F401
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions  # noqa: F401
     except ImportError:
         return False
     return "async_stager" in inspect.signature(async_save).parameters
 
 
-class _DeepCopyStager:
-    """DCP's staging (its ``AsyncStager`` protocol) for a state holding FSDP's ``ShardedTensor``,
-    which DCP's ``DefaultStager`` cannot copy (it asks one for a ``data_ptr``): ``copy.deepcopy``,
-    which ``ShardedTensor`` implements shard by shard. Lightning's sharded state dicts are
-    offloaded to CPU (``offload_to_cpu=True``), so the copies are in host memory."""
+class _Staged:
+    """DCP's staging (its ``AsyncStager`` protocol) for a state already copied on the training
+    thread: hands it on as it is."""
 
     _synchronize_after_execute = False
 
@@ -220,13 +223,32 @@ class _DeepCopyStager:
         return False
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        return copy.deepcopy(state_dict)
+        return state_dict
 
     def synchronize_staging(self) -> None:
         pass
 
     def close(self) -> None:
         pass
+
+
+def _snapshot(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of this rank's shards that training cannot change: DCP's own stager (to host
+    memory), or, for FSDP's ``ShardedTensor`` (DCP's stager asks one for a ``data_ptr`` and
+    fails), ``copy.deepcopy``, which ``ShardedTensor`` implements shard by shard; Lightning's
+    sharded state dicts are offloaded to CPU (``offload_to_cpu=True``), so those copies are in
+    host memory too."""
+    if _holds_sharded_tensor(state):
+        return copy.deepcopy(state)
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    stager = DefaultStager(StagingOptions(False, False, False, False))  # synchronous, as async_save's own
+    try:
+        staged = stager.stage(state)
+    finally:
+        stager.close()
+    assert isinstance(staged, dict)
+    return staged
 
 
 def _holds_sharded_tensor(obj: Any) -> bool:
@@ -283,19 +305,29 @@ def start_async(
     as this returns. :func:`finish_async`, on every rank, makes the folder a :class:`Pending`."""
     from torch.distributed.checkpoint import async_save
 
-    check_store(trainer, store)
     started = time.monotonic()
-    name = trainer.strategy.broadcast(f"ckpt-{step:010d}-{time.time_ns() // 1_000_000}{_FOLDER_SUFFIX}")
-    folder = store.folder_path(name)
-    os.makedirs(folder, exist_ok=True)
-    state = _lightning.sharded_dcp_state(trainer, checkpoint)
-    stager = _DeepCopyStager() if _holds_sharded_tensor(state) else None  # None: DCP's DefaultStager
-    response = async_save(
-        state, checkpoint_id=folder, process_group=group, no_dist=group is None, async_stager=stager
-    )
-    # Both stagers copy before async_save returns, so it returns the write's future (an
-    # AsyncSaveResponse only comes with staging in the background).
-    future = response if isinstance(response, Future) else response.upload_completion
+    name, folder = _new_folder(trainer, store, step)
+    error = None
+    try:  # on the training thread, so that a rank that fails here starts no DCP collective
+        os.makedirs(folder, exist_ok=True)
+        state = _snapshot(_lightning.sharded_dcp_state(trainer, checkpoint))
+    except Exception as exc:  # a full or read-only store, no memory for the copy
+        error = f"rank {trainer.global_rank}: {exc}"
+    # Every rank starts its DCP thread (whose collectives wait for every rank's), or none does.
+    failed = torch.tensor([int(error is not None)], device=trainer.strategy.root_device)
+    if trainer.world_size > 1:
+        failed = trainer.strategy.reduce(failed, reduce_op="max")
+    future: Future[Any]
+    if failed.item():
+        future = Future()
+        future.set_exception(StoreWriteError(error or "another rank could not start its write"))
+    else:
+        response = async_save(
+            state, checkpoint_id=folder, process_group=group, no_dist=group is None, async_stager=_Staged()
+        )
+        # Staged already, so async_save returns the write's future (an AsyncSaveResponse only
+        # comes with staging in the background).
+        future = response if isinstance(response, Future) else response.upload_completion
     inflight = InFlight(name, folder, step, reason, meta, future, started)
     future.add_done_callback(lambda _: setattr(inflight, "done_at", time.monotonic()))
     if trainer.is_global_zero:

@@ -148,8 +148,8 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(
 
 def test_dcp_async_save_writes_a_snapshot_of_cpu_tensors(tmp_path: Path) -> None:
     """What periodic sharded saves rely on (``sharded.async_capable``): once ``async_save`` has
-    returned, changing the live tensors does not change what is written; a state holding FSDP's
-    ShardedTensor is staged by ``copy.deepcopy`` instead (DCP's own stager cannot copy one)."""
+    returned, changing the live tensors does not change what is written; and the snapshot the
+    callback takes itself, on the training thread, before it starts DCP's thread."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -163,11 +163,11 @@ def test_dcp_async_save_writes_a_snapshot_of_cpu_tensors(tmp_path: Path) -> None
     back = {"model": {"w": torch.ones(1 << 20)}}
     dcp.load(back, checkpoint_id=str(tmp_path), no_dist=True)
     assert torch.count_nonzero(back["model"]["w"]) == 0
-    stager = sharded._DeepCopyStager()
-    state = {"optimizer_0": {"state": {"w": {"exp_avg": live}}}}
-    staged = stager.stage(state)
+    state = {"optimizer_0": {"state": {"w": {"exp_avg": live, "step": torch.tensor(3.0)}}}}
+    staged = sharded._snapshot(state)  # what the callback hands async_save
     live.add_(1)
     assert torch.equal(staged["optimizer_0"]["state"]["w"]["exp_avg"], torch.ones(1 << 20))
+    assert staged["optimizer_0"]["state"]["w"]["step"].item() == 3.0
     assert not sharded._holds_sharded_tensor(state)
 
 
