@@ -959,10 +959,7 @@ class Resumable(Callback):
     def _finish_preemption(self, trainer: pl.Trainer) -> None:
         save_error: StoreError | None = None
         try:
-            if self._in_flight is not None:  # a periodic sharded save: every rank is here
-                self._finish_in_flight(trainer)
-                self._release_commit(trainer)
-            self._reap_writer()
+            self._settle(trainer)  # every rank is here: a periodic sharded save in flight is finished too
         except StoreError as exc:
             # The preemption save failed (a full disk, a store that did not come back): the newest
             # committed checkpoint is still a valid resume point, and the marker says how far

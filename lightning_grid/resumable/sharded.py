@@ -17,10 +17,11 @@ synchronously (training waits for the write):
 4. rank 0 writes the commit record, listing every file with its sha256 and size, once the saved
    step's logs are flushed (in the callback's writer thread, as for a single file).
 
-Periodic saves do not hold training up for the write (with a torch whose DCP stages every tensor,
-see :func:`async_capable`): every rank hands its shard to DCP's ``async_save``, which copies it
-into its own buffers and returns; DCP writes the files in a background thread, with its own
-collectives on a gloo group of their own (:func:`writer_group`), while training goes on. At a
+Periodic saves do not hold training up for the write (where this torch's DCP allows it, see
+:func:`async_capable`): every rank copies its shards (:func:`start_async`), the ranks agree that
+every copy was made, and each hands its copy to DCP's ``async_save``; DCP writes the files in a
+background thread, with its own collectives on a gloo group of their own (:func:`writer_group`),
+while training goes on. At a
 later batch end at which every rank's write is done (the callback's per-batch agreement says so),
 steps 3 and 4 run as above: :func:`finish_async`. A preemption or the final save first waits for
 a periodic write still in flight and commits it.
@@ -36,6 +37,7 @@ model and built the optimizers (``on_fit_start``, before Lightning restores the 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import logging
@@ -197,13 +199,12 @@ def _collect(
     return Pending(name, step, reason, everything, {**meta, **timings})
 
 
+@functools.cache
 def async_capable() -> bool:
-    """Whether this torch's DCP ``async_save`` takes a snapshot before it returns.
-
-    Since DCP's ``DefaultStager``, ``async_save`` copies every tensor, CPU ones too,
-    into staging buffers of its own, so training may change the live shards while the files are
-    written (pinned by ``tests/integration/test_sharded.py``). Before it, CPU tensors went to the
-    writer thread as they were: there periodic sharded saves stay synchronous."""
+    """Whether this torch's DCP has what a background save needs: ``async_save`` taking a stager
+    (ours hands on the copy :func:`_snapshot` made) and ``DefaultStager``, which copies every
+    tensor, CPU ones too (pinned by ``tests/integration/test_sharded.py``). Earlier DCP handed CPU
+    tensors to its writer thread as they were: there periodic sharded saves stay synchronous."""
     try:
         from torch.distributed.checkpoint import async_save
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions  # noqa: F401

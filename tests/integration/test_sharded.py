@@ -147,9 +147,9 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(
 
 
 def test_dcp_async_save_writes_a_snapshot_of_cpu_tensors(tmp_path: Path) -> None:
-    """What periodic sharded saves rely on (``sharded.async_capable``): once ``async_save`` has
-    returned, changing the live tensors does not change what is written; and the snapshot the
-    callback takes itself, on the training thread, before it starts DCP's thread."""
+    """What periodic sharded saves rely on (``sharded.async_capable``): the snapshot the callback
+    takes on the training thread, handed to ``async_save`` as it is; changing the live tensors once
+    that has returned does not change what is written."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -157,7 +157,12 @@ def test_dcp_async_save_writes_a_snapshot_of_cpu_tensors(tmp_path: Path) -> None
 
     assert sharded.async_capable()
     live = torch.zeros(1 << 20)
-    future = dcp.async_save({"model": {"w": live}}, checkpoint_id=str(tmp_path), no_dist=True)
+    future = dcp.async_save(
+        sharded._snapshot({"model": {"w": live}}),
+        checkpoint_id=str(tmp_path),
+        no_dist=True,
+        async_stager=sharded._Staged(),
+    )
     live.add_(1)  # training goes on
     future.result()
     back = {"model": {"w": torch.ones(1 << 20)}}
