@@ -82,6 +82,8 @@ class LauncherSignals:
     #: The instance installed last in this process: the CLI asks it, after the engine returns,
     #: whether a second Ctrl-C ended the run (exit 130).
     latest: LauncherSignals | None = None
+    #: Its notice is a signal already received: the supervisor reads it after the script's end too.
+    delivered = True
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
@@ -133,6 +135,8 @@ class SlurmSignals:
     when there is none: the time from SLURM's SIGTERM to its SIGKILL), less ``margin_s`` for the
     agent's own work after the script's exit (publishing, syncing, the story). Wraps the agent's
     :class:`LauncherSignals`: a SIGINT is still the agent's own interruption."""
+
+    delivered = True  # as LauncherSignals: a signal, read after the script's end too
 
     def __init__(
         self, signals: LauncherSignals, window_s: float, job: str, margin_s: float = 1.0,

@@ -241,6 +241,9 @@ def run_attempt(
                 _kill_all(procs, launches)
                 killed = escalated = hard_killed = True
             time.sleep(poll_s)
+        if notice is None and (notice := _delivered(notices)) is not None:
+            notice_mono, notice_wall = clock(), time.time()
+            noticed.update(_targets(notice, len(procs)))
     except BaseException:
         # The supervisor itself failed: never leave the script running unsupervised. A second
         # interruption while the script saves (another Ctrl-C) kills it at once.
@@ -297,6 +300,18 @@ def _launches(command: Sequence[str] | Sequence[Launch], env: dict[str, str] | N
     if env is None:
         raise ValueError("a single command needs its environment")
     return [Launch([str(part) for part in command], env)]
+
+
+def _delivered(notices: Sequence[NoticeSource]) -> Notice | None:
+    """Once the script is gone: a notice that is a signal this launcher had already received.
+    SLURM signals every process of the job step at once, so a script that leaves on its signal
+    at once can be gone before the next poll; its exit was the notice's, not a finish (which
+    would end the job instead of requeueing it). Only such sources are asked (``delivered``):
+    what a cloud's metadata says now is news from after the exit."""
+    for source in notices:
+        if getattr(source, "delivered", False) and (found := source.poll()) is not None:
+            return found
+    return None
 
 
 def _targets(notice: Notice, count: int) -> list[int]:

@@ -194,3 +194,42 @@ def test_a_peers_preemption_is_a_preemption_here() -> None:
     outcome, reason = conclude(result, {"step": 7, "left_at": 7}, False, resumable=True, grace_period=1.0)
     assert outcome is Outcome.PREEMPTED and "step 7" in reason
     assert conclude(result, None, True, resumable=True, grace_period=1.0)[0] is Outcome.SUCCEEDED
+
+
+@pytest.mark.parametrize("source", ["slurm", "launcher"])
+def test_a_signal_that_came_as_the_script_left_on_it_is_a_notice_not_a_finish(
+    tmp_path: Path, source: str
+) -> None:
+    """SLURM signals every process of the job step at once; a script that saves and leaves at once
+    (exit 0) can be gone before the supervisor's next poll. Here the script signals the launcher
+    (this process) itself and exits 0 in the middle of a long poll interval, so the supervisor
+    first sees the exit: the attempt must still be a preemption (SLURM requeues it), not a
+    success that ends the job. Before: ``notice=None`` and, by ``conclude``, "succeeded"."""
+    from lightning_grid.launcher.notices import LauncherSignals, SlurmSignals
+
+    signals = LauncherSignals()
+    signals.install()
+    try:
+        notices = [SlurmSignals(signals, 30.0, "42")] if source == "slurm" else [signals]
+        script = tmp_path / "leave.py"
+        script.write_text("import os, signal, time\ntime.sleep(0.5)\nos.kill(os.getppid(), signal.SIGTERM)\n")
+        result = run_attempt(
+            [sys.executable, str(script)],
+            cwd=str(tmp_path),
+            env={"PATH": "/usr/bin:/bin"},
+            log_path=str(tmp_path / "log"),
+            notices=notices,
+            grace_period=30.0,
+            stop_requested=lambda: False,
+            on_start=lambda pid: None,
+            on_notice=lambda n, w: None,
+            echo=False,
+            poll_s=3.0,  # the script signals and ends within the first interval
+        )
+    finally:
+        signals.uninstall()
+    assert signals.received is signal.SIGTERM and result.exit_code == 0
+    assert result.notice is not None and result.notice.source == source, result
+    assert result.exit_after_sigterm_s is None  # the launcher sent nothing: the script was gone
+    outcome, reason = conclude(result, marker=None, completed=False, resumable=True, grace_period=30.0)
+    assert outcome is Outcome.PREEMPTED, reason
