@@ -50,7 +50,7 @@ from lightning_grid.errors import (
     StoreUnwritableError,
 )
 
-__all__ = ["CheckpointStore", "CommitRecord", "PREEMPTED_MARKER", "COMPLETED_MARKER"]
+__all__ = ["CheckpointStore", "CommitRecord", "PREEMPTED_MARKER", "COMPLETED_MARKER", "save_file"]
 
 log = logging.getLogger(__name__)
 
@@ -681,6 +681,13 @@ def _serialise(checkpoint: Any, path: str, what: str, crc32: bool = True) -> tup
             return _write_pieces(fd, layout)
     except OSError as exc:
         raise write_error(exc, path, what) from exc
+
+
+def save_file(obj: Any, path: str, what: str) -> tuple[str, int]:
+    """``torch.save`` of ``obj`` to a local ``path``, atomically; (sha256, size). A full disk is
+    reported as ``StoreFullError`` naming the path, where ``torch.save`` itself says only
+    "unexpected pos …"."""
+    return _serialise(obj, path, what)
 
 
 def _serialise_with_torch(checkpoint: Any, path: str, what: str) -> tuple[str, int]:

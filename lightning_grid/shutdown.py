@@ -25,7 +25,16 @@ from dataclasses import asdict, dataclass
 
 from lightning_grid._io import atomic_write_bytes
 
-__all__ = ["Plan", "ShutdownNotice", "SaveEstimate", "plan_shutdown", "write_notice", "read_notice"]
+__all__ = [
+    "Plan",
+    "ShutdownNotice",
+    "SaveEstimate",
+    "plan_shutdown",
+    "write_notice",
+    "read_notice",
+    "MARGIN",
+    "EXIT_OVERHEAD_S",
+]
 
 #: From SIGTERM to a finished process, beyond the save itself: the step in flight, flushing the
 #: logs, interpreter teardown. Measured at 0.9 s for a small CPU model (docs/benchmarks.md).

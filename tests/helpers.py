@@ -183,3 +183,20 @@ def run_tree(command: list[str], env: dict[str, str], timeout: float) -> subproc
             f"{command[:4]}… still running after {timeout}s:\n{(out + err)[-3000:]}"
         ) from None
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+FSDP_TRAIN = REPO / "tests" / "scripts" / "fsdp_train.py"
+
+
+def run_fsdp(
+    ckpt: Path, out: Path, *more: str, attempt: str = "1", ok: bool = True, nproc: int = 2, **env: str
+) -> str:
+    """``tests/scripts/fsdp_train.py`` under torchrun on 127.0.0.1 (CPU, gloo), with ``env`` added
+    to the environment: its output, once it ended with status 0 (``ok``) or not."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        str(FSDP_TRAIN), "--out", str(out), "--ckpt-dir", str(ckpt), *more,
+    ]  # fmt: skip
+    proc = run_tree(command, env=child_env(LIGHTNING_GRID_ATTEMPT=attempt, **env), timeout=300)
+    assert (proc.returncode == 0) == ok, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr

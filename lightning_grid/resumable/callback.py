@@ -57,7 +57,7 @@ from lightning_grid.resumable import _lightning, ddp_buckets, leaving, reshard, 
 from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable, shield_workers
 from lightning_grid.resumable.leaving import Preempted
 from lightning_grid.resumable.signals import SignalFlag, guard
-from lightning_grid.shutdown import Plan, ShutdownNotice, read_notice
+from lightning_grid.shutdown import EXIT_OVERHEAD_S, MARGIN, Plan, ShutdownNotice, read_notice
 
 __all__ = ["Resumable", "Preempted"]
 
@@ -108,7 +108,8 @@ def _write_marker_outside_fit(signal_name: str) -> CommitRecord | None:
     _process.root.write_marker(
         {
             "step": record.step,
-            "left_at": record.step,
+            # Past the record's step when the final save failed: those steps are redone.
+            "left_at": max(record.step, _process.step),
             "checkpoint": _process.relative_name(store, record),
             "plan": "full",
             "signal": signal_name,
@@ -122,6 +123,16 @@ def _write_marker_outside_fit(signal_name: str) -> CommitRecord | None:
     return record
 
 
+def _held_by(record: CommitRecord) -> str:
+    """What a relaunch after a notice outside fit resumes from, in words for the log."""
+    if record.step >= _process.step:
+        return f"the final checkpoint at step {record.step} holds the trained state (0 steps to redo)"
+    return (
+        f"the final checkpoint could not be saved; the one at step {record.step} is the resume point"
+        f" ({_process.step - record.step} steps to redo)"
+    )
+
+
 def _on_signal_outside_fit(sig: signal.Signals) -> None:
     """The guard's action for a notice outside any fit: record it, then leave with status 0."""
     record = None
@@ -131,10 +142,9 @@ def _on_signal_outside_fit(sig: signal.Signals) -> None:
         log.warning("lightning_grid: the preemption marker could not be written: %s", exc)
     if record is not None:
         log.info(
-            "lightning_grid: %s received after training; the final checkpoint at step %d holds the trained state"
-            " (0 steps to redo); exiting with status 0",
+            "lightning_grid: %s received after training; %s; exiting with status 0",
             sig.name,
-            record.step,
+            _held_by(record),
         )
     else:
         log.info("lightning_grid: %s received; exiting with status 0", sig.name)
@@ -609,6 +619,11 @@ class Resumable(Callback):
             return
         if plan is not None:
             self._flag.set()
+            if in_flight is not None and plan.plan is not Plan.KEEP:
+                plan = self._plan = self._replan_after_write(trainer, plan, in_flight)
+                if plan.plan is Plan.KEEP:
+                    self._exit_after_commit = True
+                    return
             spool = plan.spool if plan.plan is Plan.LOCAL else None
             # Training stops here, so the live tensors can be written without a copy.
             self._save(trainer, batch_idx + 1, reason="preempted", copy_tensors=False, spool=spool)
@@ -672,6 +687,40 @@ class Resumable(Callback):
                 reason="another node's notice leaves no time for a new save: the last checkpoint stays",
             )
         return mine
+
+    def _replan_after_write(
+        self, trainer: pl.Trainer, plan: ShutdownNotice, in_flight: sharded.InFlight
+    ) -> ShutdownNotice:
+        """A periodic sharded save was being written in the background when the notice came, and
+        the launcher's plan did not count it. It is finished and committed first (it is
+        consistent, and it may be all the window holds); a new save then starts only if what is
+        left of the window holds one as long as that write took, with the launcher's margins.
+        Otherwise nothing new is saved and the folder just committed is the resume point: leaving
+        in time, with the marker written, beats a save cut off by the machine's end. Every rank
+        decides alike: the noticed machine's deadline counts for all."""
+        self._settle(trainer)
+        took = (
+            (in_flight.done_at or time.monotonic())
+            - in_flight.started
+            + float(in_flight.meta.get("dump_s", 0))
+        )
+        left = plan.deadline - time.time() if plan.deadline > 0 else float("inf")
+        short = left < took * MARGIN + EXIT_OVERHEAD_S
+        # Only rank 0 commits, so only rank 0 knows whether anything is committed to fall back on.
+        stranded = trainer.is_global_zero and self.last_commit is None and self.resumed_from is None
+        if _distributed(trainer):
+            flags = torch.tensor([int(short), int(stranded)], device=trainer.strategy.root_device)
+            flags = trainer.strategy.reduce(flags, reduce_op="max")
+            short, stranded = bool(flags[0].item()), bool(flags[1].item())
+        if not short or stranded:
+            return plan
+        reason = (
+            f"a periodic save was being written when the notice came (it took {took:.1f}s); the"
+            f" {max(left, 0.0):.1f}s left of the window do not hold another: the checkpoint it wrote stays"
+        )
+        if trainer.is_global_zero:
+            log.info("lightning_grid: %s", reason)
+        return ShutdownNotice(Plan.KEEP, deadline=plan.deadline, window_s=plan.window_s, reason=reason)
 
     def _has_fallback(self) -> bool:
         """Whether a run that saves nothing more still has a checkpoint to resume from (a write in
@@ -824,12 +873,25 @@ class Resumable(Callback):
             self._failed_write(exc, step, reason)
 
     def _failed_write(self, exc: BaseException, step: int, reason: str) -> None:
-        """Reported on the training thread, except a periodic save the store refused: a full disk
-        (or a filesystem gone read-only) must not end a run that can still train. Nothing was
-        committed and no temp file is left, the previous checkpoint stays in force, and the next
-        periodic save tries again."""
-        if reason != "periodic" or not isinstance(exc, StoreWriteError):
+        """Reported on the training thread, except a periodic or final save the store refused: a
+        full disk (or a filesystem gone read-only) must not end a run that can still train, nor
+        one whose training is over and whose script still has work to do after ``fit()`` (saving
+        its weights elsewhere, say). Nothing was committed and no temp file is left, the previous
+        checkpoint stays in force, and the next periodic save tries again."""
+        if reason not in ("periodic", "final") or not isinstance(exc, StoreWriteError):
             self._write_error = exc
+            return
+        if reason == "final":
+            last = self.last_commit
+            log.warning(
+                "lightning_grid: the final checkpoint at step %d could not be saved; training is over and the"
+                " script goes on (%s): %s",
+                step,
+                f"a relaunch would resume from the checkpoint at step {last.step}"
+                if last is not None
+                else "there is no checkpoint: a relaunch would train from the start",
+                exc,
+            )
             return
         log.warning(
             "lightning_grid: periodic checkpoint at step %d not saved, training continues (the last committed"
@@ -1077,10 +1139,9 @@ class Resumable(Callback):
                 log.warning("lightning_grid: the preemption marker could not be written: %s", exc)
             if record is not None:
                 log.info(
-                    "lightning_grid: %s received as training ended; the final checkpoint at step %d holds it"
-                    " (0 steps to redo); exiting with status 0",
+                    "lightning_grid: %s received as training ended; %s; exiting with status 0",
                     signal_name,
-                    record.step,
+                    _held_by(record),
                 )
         trainer.strategy.barrier("lightning_grid.preempted")
         leaving.prepare(self.fast_exit)

@@ -26,7 +26,8 @@ later batch end at which every rank's write is done (the callback's per-batch ag
 steps 3 and 4 run as above: :func:`finish_async`. A preemption or the final save first waits for
 a periodic write still in flight and commits it.
 
-A folder without a record (a rank killed mid-write) is never trusted and is removed like any
+A write that failed on any rank (a full disk) is removed by rank 0 once every rank is past it;
+a folder without a record (a rank killed mid-write) is never trusted and is removed like any
 uncommitted payload; discovery verifies every listed file, so a missing or damaged shard makes
 the previous checkpoint the resume point. On resume every rank reads ``meta.pt`` at set-up (it is
 injected as Lightning's loaded checkpoint, as a single file is), and the strategy's own
@@ -37,11 +38,13 @@ model and built the optimizers (``on_fit_start``, before Lightning restores the 
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import hashlib
 import inspect
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -50,8 +53,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_grid.checkpoints import CheckpointStore, CommitRecord
-from lightning_grid.errors import StoreError, StoreWriteError, UsageError
+from lightning_grid._io import FULL_ERRNOS, describe_os_error
+from lightning_grid.checkpoints import CheckpointStore, CommitRecord, save_file
+from lightning_grid.errors import StoreError, StoreFullError, StoreWriteError, UsageError
 from lightning_grid.resumable import _lightning
 
 __all__ = [
@@ -153,8 +157,8 @@ def write(
         strategy.save_checkpoint(checkpoint, folder)
         files = {n: _durable_digest(os.path.join(folder, n)) for n in _own_files(folder, rank)}
         error = None
-    except Exception as exc:  # DCP reports a rank's failure (its CheckpointException) on every rank
-        files, error = {}, f"rank {rank}: {exc}"
+    except _failures() as exc:  # DCP reports a rank's failure (its CheckpointException) on every rank
+        files, error = {}, _failure(rank, exc, folder)
     return _collect(trainer, folder, name, step, reason, meta, files, error, started)
 
 
@@ -166,7 +170,7 @@ def _collect(
     reason: str,
     meta: dict[str, Any],
     files: dict[str, dict[str, Any]],
-    error: str | None,
+    error: Failure | None,
     started: float,
 ) -> Pending | None:
     """Every rank, once its files are written (``files``: its own, durable and hashed) or its write
@@ -178,10 +182,16 @@ def _collect(
         torch.distributed.all_gather_object(gathered, (files, error))
     else:
         gathered = [(files, error)]
-    errors = [e for _, e in gathered if e]
+    errors: list[Failure] = [e for _, e in gathered if e]
     if errors:
-        raise StoreWriteError(
-            f"the step {step} sharded checkpoint {folder} could not be written: {errors[0]}"
+        if trainer.is_global_zero:
+            _discard(folder)
+        said, code = errors[0]
+        kind = StoreFullError if code in FULL_ERRNOS else StoreWriteError
+        raise kind(
+            f"the step {step} sharded checkpoint {folder} could not be written: {said}",
+            path=folder,
+            errno=code,
         )
     if not trainer.is_global_zero:
         return None
@@ -189,14 +199,93 @@ def _collect(
     for r, (theirs, _) in enumerate(gathered):
         for member, info in theirs.items():
             everything[member] = {**info, "rank": r}
-    for member in sorted(os.listdir(folder)):  # DCP's .metadata, Lightning's meta.pt: rank 0 wrote them
-        if member not in everything and os.path.isfile(os.path.join(folder, member)):
-            everything[member] = {**_durable_digest(os.path.join(folder, member)), "rank": 0}
     metadata = _lightning.sharded_metadata_file()
-    if metadata not in everything:
-        raise StoreWriteError(f"the step {step} sharded checkpoint {folder} has no {metadata}")
+    try:
+        for member in sorted(os.listdir(folder)):  # DCP's .metadata, Lightning's meta.pt: rank 0's
+            if member not in everything and os.path.isfile(os.path.join(folder, member)):
+                everything[member] = {**_durable_digest(os.path.join(folder, member)), "rank": 0}
+        if metadata not in everything:
+            raise StoreWriteError(f"the step {step} sharded checkpoint {folder} has no {metadata}")
+    except (OSError, StoreWriteError) as exc:
+        _discard(folder)
+        if isinstance(exc, StoreWriteError):
+            raise
+        raise StoreWriteError(
+            f"the step {step} sharded checkpoint {folder} could not be made durable: {exc}"
+        ) from exc
     timings = {"write_s": round(time.monotonic() - started, 4), "upload_s": 0.0, "ranks": trainer.world_size}
     return Pending(name, step, reason, everything, {**meta, **timings})
+
+
+def _discard(folder: str) -> None:
+    """Rank 0, after the collective that ends a failed save (no rank writes there any more): the
+    folder goes at once. It would never be trusted, but on a full disk its partial shards hold the
+    room that the next save needs, and a single file's failed save leaves no temp file either."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+#: A rank's failed write: one line (rank, what, where) and its errno, if an OSError said one.
+Failure = tuple[str, "int | None"]
+
+
+@functools.cache
+def _failures() -> tuple[type[BaseException], ...]:
+    """What a failed DCP write raises: its ``CheckpointException`` derives from ``BaseException``,
+    not ``Exception``, so an ``except Exception`` would let a full disk end the run. (Imported
+    here, where DCP is in use: not at every start of the training script.)"""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+class _Failed(Exception):
+    """A background write that never started: a rank failed before DCP's thread. ``failure`` is
+    that rank's own (None on the others: the failed rank's reason is the one gathered)."""
+
+    def __init__(self, failure: Failure | None) -> None:
+        super().__init__(failure[0] if failure else "another rank could not start its write")
+        self.failure = failure
+
+
+def _failure(rank: int, exc: BaseException, folder: str) -> Failure:
+    """One line for the warning, not DCP's message (a traceback per rank), and the errno, so that
+    a full disk is reported as one (``StoreFullError``). DCP wraps each rank's exception as
+    ``(exception, traceback)`` under the rank that raised it."""
+    failures = getattr(exc, "failures", None)  # a CheckpointException's
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        exc = failures[rank][0]
+    if isinstance(exc, StoreWriteError) and exc.errno is not None:  # ours: it names path and cause
+        return f"rank {rank}: {exc}", exc.errno
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"rank {rank}: {describe_os_error(exc)}{where}", exc.errno
+    said = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    if isinstance(exc, RuntimeError) and "unexpected pos" in said:
+        # DCP writes each tensor with torch.save into the shard's file; on a short write torch's
+        # zip writer says only this, and the OSError under it is lost. A full disk is the usual
+        # cause: say so where the filesystem confirms it.
+        free = _free_bytes(folder)
+        if free is not None and free < _NEARLY_FULL:
+            full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return (
+                f"rank {rank}: {describe_os_error(full)}: {free} bytes free under {folder} after a short"
+                f" write ({said})",
+                errno.ENOSPC,
+            )
+    return f"rank {rank}: {said}", None
+
+
+#: Free bytes under which a short write is taken for a full disk.
+_NEARLY_FULL = 1 << 20
+
+
+def _free_bytes(folder: str) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 @functools.cache
@@ -286,7 +375,7 @@ class InFlight:
     meta: dict[str, Any]
     future: Future[Any]
     started: float
-    error: str | None = None  # rank 0: Lightning's meta.pt could not be written
+    error: Failure | None = None  # rank 0: Lightning's meta.pt could not be written
     done_at: float | None = None  # when DCP's write ended (its thread sets it)
 
     def running(self) -> bool:
@@ -308,12 +397,12 @@ def start_async(
 
     started = time.monotonic()
     name, folder = _new_folder(trainer, store, step)
-    error = None
+    error: Failure | None = None
     try:  # on the training thread, so that a rank that fails here starts no DCP collective
         os.makedirs(folder, exist_ok=True)
         state = _snapshot(_lightning.sharded_dcp_state(trainer, checkpoint))
     except Exception as exc:  # a full or read-only store, no memory for the copy
-        error = f"rank {trainer.global_rank}: {exc}"
+        error = _failure(trainer.global_rank, exc, folder)
     # Every rank starts its DCP thread (whose collectives wait for every rank's), or none does.
     failed = torch.tensor([int(error is not None)], device=trainer.strategy.root_device)
     if trainer.world_size > 1:
@@ -321,7 +410,7 @@ def start_async(
     future: Future[Any]
     if failed.item():
         future = Future()
-        future.set_exception(StoreWriteError(error or "another rank could not start its write"))
+        future.set_exception(_Failed(error))
     else:
         response = async_save(
             state, checkpoint_id=folder, process_group=group, no_dist=group is None, async_stager=_Staged()
@@ -333,9 +422,10 @@ def start_async(
     future.add_done_callback(lambda _: setattr(inflight, "done_at", time.monotonic()))
     if trainer.is_global_zero:
         try:  # what is left of the checkpoint (loops, callbacks, our positions): small, written now
-            torch.save(checkpoint, os.path.join(folder, _lightning.sharded_metadata_file()))
+            path = os.path.join(folder, _lightning.sharded_metadata_file())
+            save_file(checkpoint, path, "the sharded checkpoint's metadata")
         except Exception as exc:
-            inflight.error = f"rank 0: {exc}"
+            inflight.error = _failure(0, exc, folder)
     inflight.meta = {**meta, "async": True, "stall_s": round(time.monotonic() - started, 4)}
     return inflight
 
@@ -354,8 +444,10 @@ def finish_async(trainer: pl.Trainer, inflight: InFlight) -> Pending | None:
                 n: _durable_digest(os.path.join(inflight.folder, n))
                 for n in _own_files(inflight.folder, rank)
             }
-    except Exception as exc:  # DCP's CheckpointException, on every rank alike
-        error = f"rank {rank}: {exc}"
+    except _Failed as exc:  # this rank could not start its write, or another could not
+        error = exc.failure or error
+    except _failures() as exc:  # DCP's CheckpointException, on every rank alike
+        error = _failure(rank, exc, inflight.folder)
     meta = {**inflight.meta, "finished_at_step": trainer.global_step}
     # The record's write_s is what the launcher plans a notice's window with: the write's own time,
     # not the training between its end and the batch end at which it was collected.
@@ -378,7 +470,7 @@ def abandon_async(inflight: InFlight) -> None:
     commit nothing. The folder has no record, so it is never trusted and is removed later."""
     try:
         inflight.future.result()
-    except Exception as exc:
+    except _failures() as exc:
         log.debug("lightning_grid: the abandoned sharded save %s failed: %s", inflight.name, exc)
 
 

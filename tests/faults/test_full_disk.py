@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lightning_grid.checkpoints import PREEMPTED_MARKER, CheckpointStore
 from tests.faults.conftest import MountTmpfs, fill
-from tests.helpers import run_train
+from tests.helpers import assert_bit_identical, run_fsdp, run_train
 
 #: Free bytes left on the tmpfs: one checkpoint of the default test model (~266 kB) and its small
 #: files fit, a second one does not.
@@ -53,8 +55,13 @@ def test_full_disk_during_periodic_save_warns_and_training_continues(
     periodic = [r for r in store.committed() if r.reason == "periodic"]
     assert len(periodic) == 1 and 3 <= periodic[0].step <= 5, periodic  # the one that fitted stays ...
     assert store.read_verified(periodic[0])  # ... and valid
-    # What happens when training ends (a final save, if the callback makes one, on the same full
-    # disk) is another fault, tested on its own.
+    # The final save at step 15 fails on the same full disk. Training is over: the script goes on
+    # past fit() and saves its weights elsewhere. (Before: a traceback and exit 1 there.)
+    assert run.returncode == 0 and out.exists(), run.output[-3000:]
+    final = [line for line in run.output.splitlines() if "the final checkpoint at step 15" in line]
+    assert len(final) == 1 and "ENOSPC" in final[0], run.output[-3000:]
+    assert f"resume from the checkpoint at step {periodic[0].step}" in final[0], final
+    assert "Traceback" not in run.output, run.output[-3000:]
 
 
 def test_full_disk_at_preemption_exits_0_and_marks_the_older_checkpoint(
@@ -111,3 +118,43 @@ def test_read_only_checkpoint_folder_fails_at_setup_naming_path_and_cause(
     last = run.output.strip().splitlines()[-1]
     assert last.startswith("lightning_grid.errors.StoreUnwritableError: "), run.output[-3000:]
     assert str(read_only_dir) in last and "read-only file system (EROFS)" in last, last
+
+
+@pytest.mark.slow
+def test_full_disk_under_sharded_background_saves_keeps_training_and_the_older_folder(
+    small_tmpfs: MountTmpfs, tmp_path: Path
+) -> None:
+    """FSDP, two ranks under torchrun: periodic folder saves written by DCP in the background, on a
+    disk with room for one folder (~1.2 MB). The first fits; the later ones fail part-way through
+    a shard (ENOSPC in DCP's thread, a ``BaseException`` there), and so does the preemption save.
+    Training goes on, each failed folder is removed at once, the run leaves with status 0 and a
+    marker naming the folder that fitted, and a relaunch from it on the still full disk trains
+    to the end (its final save failing too) with the weights of an uninterrupted run."""
+    disk = small_tmpfs(size="8m")
+    fill(disk, leave=1_800_000)
+    ckpts, out = disk / "ck", tmp_path / "w.pt"
+    args = ["--hidden", "8000", "--every-n-steps", "4", "--sigterm-at", "18:1"]
+    first = run_fsdp(ckpts, out, *args)
+    warnings = [line for line in first.splitlines() if "periodic checkpoint at step" in line]
+    assert warnings, first[-4000:]
+    assert all("no space left on device (ENOSPC)" in line for line in warnings), warnings
+    assert "CheckpointException" not in first and "Traceback" not in first, first[-4000:]
+    store = CheckpointStore(str(ckpts))
+    records = store.committed()
+    assert [r.reason for r in records] == ["periodic"] and records[0].step == 4, records
+    store.latest_valid()  # every file of the folder verifies
+    assert sorted(p.name for p in ckpts.iterdir() if p.suffix == ".dcp") == [records[0].name]
+    marker = store.read_marker(PREEMPTED_MARKER)
+    assert marker is not None and marker["step"] == 4 and marker["checkpoint"] == records[0].name, marker
+    assert "ENOSPC" in marker["save_error"], marker
+    assert not out.exists(), "the script went on after the SIGTERM"
+
+    # Again on the same full disk, to the end: it resumes from step 4, every save fails (the final
+    # one too), and the script goes on past fit() with the weights of an uninterrupted run.
+    second = run_fsdp(ckpts, out, *args[:4], attempt="2")
+    assert f"resuming from {ckpts / records[0].name} (step 4, periodic)" in second, second[-4000:]
+    assert "done at step 24" in second and "the final checkpoint at step 24 could not be saved" in second
+    assert [r.step for r in store.committed()] == [4]
+    reference = tmp_path / "plain.pt"
+    run_fsdp(tmp_path / "unused", reference, "--plain", "--hidden", "8000")
+    assert_bit_identical(reference, out)

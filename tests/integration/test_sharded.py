@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,19 +15,8 @@ from pathlib import Path
 import pytest
 
 from lightning_grid.checkpoints import CheckpointStore, CommitRecord
-from tests.helpers import REPO, assert_bit_identical, child_env, run_tree
-
-SCRIPT = REPO / "tests" / "scripts" / "fsdp_train.py"
-
-
-def _torchrun(ckpt: Path, out: Path, *more: str, attempt: str = "1", ok: bool = True, nproc: int = 2) -> str:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        str(SCRIPT), "--out", str(out), "--ckpt-dir", str(ckpt), *more,
-    ]  # fmt: skip
-    proc = run_tree(command, env=child_env(LIGHTNING_GRID_ATTEMPT=attempt), timeout=300)
-    assert (proc.returncode == 0) == ok, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout + proc.stderr
+from lightning_grid.shutdown import Plan, ShutdownNotice, write_notice
+from tests.helpers import assert_bit_identical, run_fsdp
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +28,7 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
         if strategy not in done:
             folder = tmp_path_factory.mktemp(f"plain-{strategy}")
             out = folder / "expected.pt"
-            _torchrun(folder / "unused", out, "--plain", "--strategy", strategy)
+            run_fsdp(folder / "unused", out, "--plain", "--strategy", strategy)
             done[strategy] = out
         return done[strategy]
 
@@ -62,7 +50,7 @@ def test_sigterm_mid_epoch_then_relaunch_is_bit_identical(
 ) -> None:
     ckpt, out = tmp_path / "ckpt", tmp_path / "w.pt"
     # epoch 0 of 2 (12 steps each), rank 1
-    first = _torchrun(ckpt, out, "--sigterm-at", "5:1", "--strategy", strategy)
+    first = run_fsdp(ckpt, out, "--sigterm-at", "5:1", "--strategy", strategy)
     assert "checkpoint at step 6 committed" in first and not out.exists()
 
     # On disk: one folder, one shard file per rank, one commit record listing every file.
@@ -82,14 +70,14 @@ def test_sigterm_mid_epoch_then_relaunch_is_bit_identical(
     marker = json.loads((ckpt / "PREEMPTED.json").read_text())
     assert marker["checkpoint"] == record.name and marker["step"] == 6
 
-    second = _torchrun(ckpt, out, "--sigterm-at", "5:1", "--strategy", strategy, attempt="2")
+    second = run_fsdp(ckpt, out, "--sigterm-at", "5:1", "--strategy", strategy, attempt="2")
     assert f"resuming from {ckpt / record.name} (step 6, preempted)" in second
     assert "done at step 24" in second
     assert_bit_identical(references(strategy), out)
 
     # The same command once more: the final (sharded) checkpoint is restored, nothing is trained.
     out.unlink()
-    third = _torchrun(ckpt, out, "--strategy", strategy, attempt="3")
+    third = run_fsdp(ckpt, out, "--strategy", strategy, attempt="3")
     assert "no training is redone" in third and "done at step 24" in third
     assert_bit_identical(references(strategy), out)
 
@@ -100,7 +88,7 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(
     tmp_path: Path, references: Callable[[str], Path], damage: str
 ) -> None:
     ckpt, out = tmp_path / "ckpt", tmp_path / "w.pt"
-    first = _torchrun(ckpt, out, "--every-n-steps", "4", "--sigterm-at", "9:1")
+    first = run_fsdp(ckpt, out, "--every-n-steps", "4", "--sigterm-at", "9:1")
     assert "checkpoint at step 10 committed" in first
     newest, previous, *_ = _records(ckpt)
     # Periodic saves every 4 steps; one that falls due while the previous commit is still being
@@ -115,7 +103,7 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(
     else:
         shard.unlink()
 
-    second = _torchrun(ckpt, out, "--every-n-steps", "4", "--sigterm-at", "9:1", attempt="2")
+    second = run_fsdp(ckpt, out, "--every-n-steps", "4", "--sigterm-at", "9:1", attempt="2")
     assert f"resuming from {ckpt / previous.name} (step {previous.step}, periodic)" in second
     assert "is not usable" in second and "__1_0.distcp" in second
     assert "done at step 24" in second
@@ -131,7 +119,7 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(
     was committed at a later step than the one it holds), from a snapshot: training changed the
     live shards meanwhile, and resuming from one is still bit-identical."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "w.pt"
-    _torchrun(ckpt, out, "--every-n-steps", "4", "--sigkill-at", "10:1", "--strategy", strategy, ok=False)
+    run_fsdp(ckpt, out, "--every-n-steps", "4", "--sigkill-at", "10:1", "--strategy", strategy, ok=False)
     records = _records(ckpt)
     newest = records[0]
     # The newest whose commit got through before the kill (the step-4 or step-8 one).
@@ -139,11 +127,42 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(
     for record in records:
         assert record.meta["async"] is True and record.meta["finished_at_step"] > record.step, record.meta
     assert not (ckpt / "PREEMPTED.json").exists()
-    second = _torchrun(
+    second = run_fsdp(
         ckpt, out, "--every-n-steps", "4", "--sigkill-at", "10:1", "--strategy", strategy, attempt="2"
     )
     assert f"resuming from {ckpt / newest.name} (step {newest.step}, periodic)" in second
     assert_bit_identical(references(strategy), out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", ["spent", "ample"])
+def test_a_notice_during_a_background_write_saves_again_only_if_the_window_holds_it(
+    tmp_path: Path, window: str
+) -> None:
+    """The notice comes in the step after a periodic save began (rank 1 signals itself in the step
+    at global step 4; the save started at the batch end before), and the launcher's plan, made
+    without that write, says ``full``. The write in flight is finished and committed first. With
+    the window spent (its deadline already past), nothing new is saved: the marker says ``keep``
+    and names step 4. With an ample window, the preemption save at step 5 follows."""
+    notice = tmp_path / "notice.json"
+    deadline = time.time() + (0.0 if window == "spent" else 3600.0)
+    write_notice(str(notice), ShutdownNotice(Plan.FULL, deadline=deadline, window_s=30.0))
+    ckpt, out = tmp_path / "ckpt", tmp_path / "w.pt"
+    said = run_fsdp(
+        ckpt, out, "--every-n-steps", "4", "--sigterm-at", "4:1", LIGHTNING_GRID_NOTICE=str(notice)
+    )
+    assert not out.exists(), "the script went on after the SIGTERM"
+    records = [(r.step, r.reason) for r in _records(ckpt)]
+    marker = CheckpointStore(str(ckpt)).read_marker()
+    assert marker is not None and marker["left_at"] == 5, said[-4000:]
+    if window == "spent":
+        assert records == [(4, "periodic")], records
+        assert marker["plan"] == "keep" and marker["step"] == 4, marker
+        assert "do not hold another: the checkpoint it wrote stays" in said, said[-4000:]
+    else:
+        assert records == [(5, "preempted"), (4, "periodic")], records
+        assert marker["plan"] == "full" and marker["step"] == 5, marker
+        assert "do not hold another" not in said
 
 
 def test_dcp_async_save_writes_a_snapshot_of_cpu_tensors(tmp_path: Path) -> None:
@@ -189,9 +208,9 @@ def test_resumed_on_another_number_of_ranks_every_sample_is_trained_once(
     ckpt, out, ids = tmp_path / "ckpt", tmp_path / "w.pt", tmp_path / "ids"
     ids.mkdir()
     common = ("--strategy", strategy, "--ids", str(ids))
-    first = _torchrun(ckpt, out, *common, "--sigterm-at", f"9:{before - 1}", nproc=before)
+    first = run_fsdp(ckpt, out, *common, "--sigterm-at", f"9:{before - 1}", nproc=before)
     assert "checkpoint at step 10 committed" in first
-    second = _torchrun(ckpt, out, *common, attempt="2", nproc=after)
+    second = run_fsdp(ckpt, out, *common, attempt="2", nproc=after)
     # 2 epochs of 96 samples in batches of 4 per rank: 10 steps on `before` ranks, the epoch's rest
     # on `after` ranks, then a whole epoch on `after` ranks.
     left = 96 - 10 * 4 * before
