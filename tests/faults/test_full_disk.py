@@ -142,7 +142,8 @@ def test_full_disk_under_sharded_background_saves_keeps_training_and_the_older_f
     store = CheckpointStore(str(ckpts))
     records = store.committed()
     assert [r.reason for r in records] == ["periodic"] and records[0].step == 4, records
-    store.latest_valid()  # every file of the folder verifies
+    valid = store.latest_valid()  # every file of the folder verifies
+    assert valid is not None and valid[0].name == records[0].name
     assert sorted(p.name for p in ckpts.iterdir() if p.suffix == ".dcp") == [records[0].name]
     marker = store.read_marker(PREEMPTED_MARKER)
     assert marker is not None and marker["step"] == 4 and marker["checkpoint"] == records[0].name, marker
