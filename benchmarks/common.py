@@ -32,6 +32,8 @@ class Settings:
     resume_batches: int = 4000
     resume_positions: tuple[int, ...] = (1, 50, 99)
     throughput_steps: int = 1200
+    paired_blocks: int = 21  # blocks per repetition of the paired throughput run, saves on in every other
+    paired_block_steps: int = 200
     wall_steps: int = 600
     wall_k: tuple[int, ...] = (1, 3, 10)
     sync_mb: float = 1000.0

@@ -46,11 +46,11 @@ PRESETS = {
     "full": Settings(),
     "quick": Settings(
         name="quick", reps=1, state_mb=(10.0,), profile_mb=10.0, kill_every_n=20, resume_batches=400,
-        throughput_steps=150, wall_steps=120, wall_k=(1,), sync_mb=50.0,
+        throughput_steps=150, paired_blocks=5, paired_block_steps=100, wall_steps=120, wall_k=(1,), sync_mb=50.0,
     ),
     "tiny": Settings(
         name="tiny", reps=1, state_mb=(2.0,), profile_mb=2.0, kill_every_n=10, resume_batches=100, resume_positions=(1, 99),
-        throughput_steps=40, wall_steps=60, wall_k=(1,), sync_mb=5.0,
+        throughput_steps=40, paired_blocks=3, paired_block_steps=50, wall_steps=60, wall_k=(1,), sync_mb=5.0,
     ),
 }  # fmt: skip
 

@@ -14,6 +14,9 @@ Lines printed for the harness (each flushed as it happens, ``time.monotonic()`` 
 * ``DONE <global_step> <t>`` after every optimizer step (``--announce``);
 * ``TRAINING <global_step> <t>`` when training starts (or resumes);
 * ``THROUGHPUT <steps/s> <steps/CPU-s>`` over the steps after ``--warmup`` (``--max-steps`` ends the run);
+* ``BLOCK <saves 0|1> <steps> <seconds> <CPU-s> <seconds in Resumable's batch hooks>`` for each block
+  of ``--ab-block`` steps after ``--warmup``: periodic saves are switched on and off in turn, so
+  that each block with saves has a block without them on either side, seconds apart;
 * ``TRACE <label> <t>`` at the points of a preemption's exit path (``--trace``).
 """
 
@@ -48,6 +51,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--warmup", type=int, default=20, help="steps before the throughput clock starts")
     p.add_argument("--every-n-steps", type=int, default=None, help="Resumable periodic saves")
+    p.add_argument(
+        "--ab-block",
+        type=int,
+        default=0,
+        help="steps per block: periodic saves (--every-n-steps) on in every other block only",
+    )
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--announce", action="store_true")
     p.add_argument("--trace", action="store_true")
@@ -125,11 +134,40 @@ class Net(pl.LightningModule):
 class Harness(pl.Callback):
     """Announces steps and measures steady-state throughput."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, resumable: pl.Callback | None = None) -> None:
         self.args = args
         self.t0: float | None = None
         self.c0 = 0.0
         self.n0 = 0
+        self.resumable = resumable
+        self.block: tuple[bool, int, float, float, float] | None = None  # saves, step, t, cpu, hooks
+        self.hook_s = 0.0  # time the training thread spent in Resumable's batch hooks
+        if resumable is not None and args.ab_block:
+            self._time_hooks(resumable)
+
+    def _time_hooks(self, resumable: pl.Callback) -> None:
+        for name in ("on_train_batch_start", "on_train_batch_end"):
+            hook = getattr(resumable, name)
+
+            def timed(*a, _hook=hook, **k):
+                started = time.perf_counter()
+                try:
+                    return _hook(*a, **k)
+                finally:
+                    self.hook_s += time.perf_counter() - started
+
+            setattr(resumable, name, timed)
+
+    def _next_block(self, step: int) -> None:
+        """Runs before Resumable's own batch end hook: a block with saves saves at its first step."""
+        now, cpu = time.perf_counter(), time.process_time()
+        saves = True  # the first block is without saves: with an odd count, every block with has two without
+        if self.block is not None:
+            saves, begun, t, c, hooks = self.block
+            say("BLOCK", int(saves), step - begun, now - t, cpu - c, self.hook_s - hooks)
+        saves = not saves
+        self.resumable.every_n_train_steps = self.args.every_n_steps if saves else None
+        self.block = (saves, step, now, cpu, self.hook_s)
 
     def on_train_start(self, trainer, pl_module):
         say("TRAINING", trainer.global_step, time.monotonic())
@@ -144,6 +182,12 @@ class Harness(pl.Callback):
             say("DONE", step, time.monotonic())
         if step == self.args.warmup:
             self.t0, self.c0, self.n0 = time.perf_counter(), time.process_time(), step
+        if (
+            self.args.ab_block
+            and step >= self.args.warmup
+            and (step - self.args.warmup) % self.args.ab_block == 0
+        ):
+            self._next_block(step)
 
     def on_train_end(self, trainer, pl_module):
         if self.t0 is not None and trainer.global_step > self.n0:
@@ -224,16 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     pl.seed_everything(args.seed, verbose=False)
     model = Net(args)
-    harness = Harness(args)
-    callbacks: list[pl.Callback] = [harness]
+    resumable: pl.Callback | None = None
     if args.trace:
         _install_trace()
     if args.mode == "callback":
         from lightning_grid import Resumable
 
-        callbacks.append(Resumable(every_n_train_steps=args.every_n_steps, fast_exit=not args.no_fast_exit))
+        resumable = Resumable(every_n_train_steps=args.every_n_steps, fast_exit=not args.no_fast_exit)
+    elif args.ab_block:
+        raise SystemExit("--ab-block needs --mode callback")
     elif args.every_n_steps is not None:
         os.environ.setdefault("LIGHTNING_GRID_EVERY_N_TRAIN_STEPS", str(args.every_n_steps))
+    harness = Harness(args, resumable)
+    # The harness first: its batch end (a block's boundary) runs before Resumable's.
+    callbacks: list[pl.Callback] = [harness] + ([resumable] if resumable is not None else [])
     trainer = pl.Trainer(
         default_root_dir=args.root,
         max_epochs=args.epochs,

@@ -54,9 +54,11 @@ from lightning_grid.errors import (
     StoreWriteError,
 )
 from lightning_grid.resumable import _lightning, ddp_buckets, leaving, reshard, rng, sharded
+from lightning_grid.resumable.background import Job, Writer
 from lightning_grid.resumable.dataloader import ResumableLoader, can_make_resumable, shield_workers
 from lightning_grid.resumable.leaving import Preempted
 from lightning_grid.resumable.signals import SignalFlag, guard
+from lightning_grid.resumable.snapshot import Snapshots
 from lightning_grid.shutdown import EXIT_OVERHEAD_S, MARGIN, Plan, ShutdownNotice, read_notice
 
 __all__ = ["Resumable", "Preempted"]
@@ -229,6 +231,8 @@ class Resumable(Callback):
         self._state_for_dump: dict[str, Any] | None = None
         self._sharded_resume: CommitRecord | None = None  # a sharded checkpoint to restore at fit start
         self._logs_flushed = threading.Event()
+        self._background = Writer()  # the thread that writes (and commits) while training goes on
+        self._snapshots = Snapshots()  # the periodic save's host copies, kept from save to save
         self._reset_run_state()
         self._trainer_ref: pl.Trainer | None = None
         self._last_save_step = 0
@@ -296,7 +300,7 @@ class Resumable(Callback):
         self._loaders: list[ResumableLoader] = []
         self._loader_states: list[dict[str, Any]] | None = None
         self._resume_rng: dict[str, Any] | None = None
-        self._writer: threading.Thread | None = None
+        self._writer: Job | None = None  # the save being written, if any
         self._write_error: BaseException | None = None
         # A periodic sharded save DCP is still writing (on every rank), and DCP's own gloo group.
         self._in_flight: sharded.InFlight | None = None
@@ -830,7 +834,7 @@ class Resumable(Callback):
         if copy_tensors:
             # Training goes on and changes the live tensors: write a private copy (device tensors
             # are copied in stream order, without blocking: the step does not wait for them).
-            checkpoint = _copy_tensors(checkpoint, copies)
+            checkpoint = self._snapshots.take(checkpoint, copies)
         self._logs_flushed.clear()
         self._write_error = None
         meta = {
@@ -843,13 +847,7 @@ class Resumable(Callback):
         if spool is not None:
             # A folder on this machine's disk: the launcher uploads from it after the exit.
             store = self._spool = CheckpointStore(spool)
-        self._writer = threading.Thread(
-            target=self._write,
-            args=(store, checkpoint, step, reason, meta, copies),
-            name="lightning_grid-checkpoint",
-            daemon=True,
-        )
-        self._writer.start()
+        self._writer = self._background.submit(self._write, store, checkpoint, step, reason, meta, copies)
 
     def _write(
         self,
@@ -958,13 +956,7 @@ class Resumable(Callback):
     ) -> None:
         if not trainer.is_global_zero:
             return
-        self._writer = threading.Thread(
-            target=self._commit_sharded,
-            args=(outcome, step, reason),
-            name="lightning_grid-checkpoint",
-            daemon=True,
-        )
-        self._writer.start()
+        self._writer = self._background.submit(self._commit_sharded, outcome, step, reason)
 
     def _commit_sharded(
         self, outcome: sharded.Pending | BaseException | None, step: int, reason: str
@@ -1111,6 +1103,7 @@ class Resumable(Callback):
         if not self._active:
             return
         self._settle(trainer)
+        self._snapshots.release()  # no periodic save follows
         # The final checkpoint: a relaunch after this point (a notice in the code after fit, or the
         # same command run again) restores it and trains nothing. Synchronous: fit() returns only
         # once it is committed.
@@ -1165,6 +1158,7 @@ class Resumable(Callback):
                 self._reap_writer()
             except LightningGridError as exc:
                 log.error("lightning_grid: %s", exc)
+        self._snapshots.release()
         self._flag.uninstall()
 
     @override
@@ -1208,62 +1202,6 @@ def _persistent_val_workers(trainer: pl.Trainer) -> bool:
 
 def _distributed(trainer: pl.Trainer) -> bool:
     return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-#: Values that are never copied: immutable, and they cannot hold a tensor.
-_ATOMS = frozenset({int, float, bool, str, bytes, complex, type(None)})
-
-
-def _copy_tensors(obj: Any, copies: list[Any] | None = None) -> Any:
-    """A private host copy of every tensor in ``obj`` (through dicts, lists and tuples), for a
-    checkpoint that is written while training goes on and changes the live tensors.
-
-    With ``copies``, a CUDA tensor is copied into pinned host memory without blocking, in the
-    order of its device's current stream: the training step does not wait for the copy, and the
-    kernels it queues next (which change the tensor) run after it. One event per device is
-    appended to ``copies``; whoever reads the snapshot waits for them first. Without ``copies``
-    every copy is complete on return. Containers of plain values are not walked element by
-    element (a Python RNG state is a tuple of 625 ints): a tuple is kept, a list copied in one go.
-    """
-    devices: set[torch.device] | None = set() if copies is not None else None
-    snapshot = _copy_into(obj, devices)
-    if copies is not None and devices:
-        for device in devices:
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(device))
-            copies.append(done)
-    return snapshot
-
-
-def _copy_into(obj: Any, devices: set[torch.device] | None) -> Any:
-    if type(obj) in _ATOMS:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        if devices is not None and obj.is_cuda:
-            devices.add(obj.device)
-            # non_blocking to the host: torch allocates the target pinned (cached, reused).
-            return obj.detach().to("cpu", non_blocking=True, copy=True)
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        copied = {k: v if type(v) in _ATOMS else _copy_into(v, devices) for k, v in obj.items()}
-        if type(obj) is dict:
-            return copied
-        try:
-            return type(obj)(copied)  # OrderedDict and friends
-        except TypeError:
-            return copied
-    if isinstance(obj, list):
-        if all(type(v) in _ATOMS for v in obj):
-            return list(obj)
-        return [_copy_into(v, devices) for v in obj]
-    if isinstance(obj, tuple):
-        if all(type(v) in _ATOMS for v in obj):
-            return obj
-        copied_items = [_copy_into(v, devices) for v in obj]
-        if hasattr(obj, "_make"):  # a namedtuple
-            return obj._make(copied_items)
-        return tuple(copied_items)
-    return obj
 
 
 def _same_limits(trainer: pl.Trainer, final: dict[str, Any]) -> bool:

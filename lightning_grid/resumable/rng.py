@@ -44,7 +44,8 @@ def capture(include_cuda: bool = True) -> dict[str, Any]:
     np = _numpy()
     if np is not None:
         state["numpy"] = numpy_state(np.random.get_state())
-    if include_cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+    # is_initialized first: is_available asks the driver (an NVML load) at every call.
+    if include_cuda and torch.cuda.is_initialized() and torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import sys
-import threading
 import time
 
 import lightning.pytorch as pl
@@ -239,8 +238,8 @@ class KillAt(pl.Callback):
         self.root = root
         self.rank = rank
         self.settle = settle
-        self._writers_seen: list[threading.Thread] = []
-        self._released_writers: list[threading.Thread] = []
+        self._writers_seen: list[object] = []  # Resumable's writes in flight (``background.Job``)
+        self._released_writers: list[object] = []
         self.specs = [s.split(":") for s in specs]
         self.fired: set[int] = set()
 
@@ -255,8 +254,8 @@ class KillAt(pl.Callback):
         os.makedirs(self.root, exist_ok=True)
         open(marker, "w").close()
         if self.settle and sig == "SIGKILL":
-            for thread in self._released_writers:
-                thread.join(timeout=120)
+            for job in self._released_writers:
+                job.join(timeout=120)  # type: ignore[attr-defined]
         os.kill(os.getpid(), getattr(signal, sig))
 
     def _sig(self, spec: list[str], n: int) -> str:
@@ -266,11 +265,16 @@ class KillAt(pl.Callback):
         self._trainer = trainer
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        # A writer alive at the previous batch start was started at an earlier batch end, and Resumable
-        # (the last callback) has since let it commit; one started at the last batch end may still be
-        # waiting for Resumable's next hook, so waiting for it here would never end.
+        # A write in flight at the previous batch start was handed over at an earlier batch end, and
+        # Resumable (the last callback) has since let it commit; one handed over at the last batch end
+        # may still be waiting for Resumable's next hook, so waiting for it here would never end.
         self._released_writers = self._writers_seen
-        self._writers_seen = [t for t in threading.enumerate() if t.name == "lightning_grid-checkpoint"]
+        callback = sys.modules.get("lightning_grid.resumable.callback")  # not imported in --mode plain
+        self._writers_seen = [
+            cb._writer
+            for cb in trainer.callbacks
+            if callback is not None and isinstance(cb, callback.Resumable) and cb._writer is not None
+        ]
         for i, spec in enumerate(self.specs):
             if spec[0] == "train" and trainer.global_step == int(spec[1]):
                 self._fire(i, self._sig(spec, 2))
