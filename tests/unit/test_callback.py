@@ -98,13 +98,22 @@ class WritersSeen(pl.Callback):
 
     def __init__(self, resumable: Resumable) -> None:
         self.resumable = resumable
-        self.threads: set[int] = set()
+        self.threads: set[int] = set()  # the Resumable's own writer thread(s)
+        self.started: set[int] = set()  # any writer thread started during the fit
+        self.before = self._writers()  # other tests' idle writers may still be alive in this process
         self.buffers: list[tuple[int, ...]] = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    @staticmethod
+    def _writers() -> set[int]:
         from lightning_grid.resumable.background import THREAD_NAME
 
-        self.threads |= {t.native_id for t in threading.enumerate() if t.name == THREAD_NAME and t.native_id}
+        return {t.native_id for t in threading.enumerate() if t.name == THREAD_NAME and t.native_id}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        thread = self.resumable._background._thread
+        if thread is not None and thread.native_id:
+            self.threads.add(thread.native_id)
+        self.started |= self._writers() - self.before
         kept = tuple(b.data_ptr() for b in self.resumable._snapshots._buffers)
         if kept and (not self.buffers or self.buffers[-1] != kept):
             self.buffers.append(kept)
@@ -123,7 +132,7 @@ def test_periodic_saves_share_one_writer_thread_and_one_set_of_snapshot_buffers(
     store = CheckpointStore(str(resumable.store.url))
     periodic = [r for r in store.committed() if r.reason == "periodic"]  # newest first
     assert len(periodic) >= 3  # a save that finds the previous one still writing is skipped
-    assert len(seen.threads) == 1  # one writer thread for every save
+    assert len(seen.threads) == 1 and seen.started == seen.threads  # one writer thread for every save
     assert len(seen.buffers) == 1  # the same host buffers for every snapshot
     assert resumable._snapshots._buffers == []  # released once training ended
     for record in periodic:  # each snapshot holds its own step's state, not a later one's
