@@ -102,22 +102,22 @@ def _paired(settings: Settings) -> tuple[list[float], list[float], list[float], 
     proc = Proc(train_cmd(root, "--mode", "callback", *args))
     proc.finish()
     shutil.rmtree(root, ignore_errors=True)
-    blocks = [(v[0] == "1", int(v[1]), float(v[2]), float(v[4])) for v in proc.values("BLOCK")]
+    # (saves, steps, steps/s, seconds in Resumable's hooks) per block
+    blocks = [(v[0] == "1", int(v[1]), int(v[1]) / float(v[2]), float(v[4])) for v in proc.values("BLOCK")]
     if proc.popen.returncode != 0 or len(blocks) < 3:
         raise RuntimeError(f"no paired blocks (exit {proc.popen.returncode}):\n{proc.tail()}")
+    without = [b for b in blocks if not b[0]]
     # The training thread's time in Resumable's hooks at a step without a save, from the blocks without.
-    plain_hook_s = sum(b[3] for b in blocks if not b[0]) / sum(b[1] for b in blocks if not b[0])
+    plain_hook_s = sum(b[3] for b in without) / sum(b[1] for b in without)
     saves_per_block = max(1, block // PERIODIC_N)
     ratios, speeds, per_save_ms = [], [], []
-    for i in range(1, len(blocks) - 1):
-        saves, n, seconds, hook_s = blocks[i]
-        if not saves or blocks[i - 1][0] or blocks[i + 1][0]:
+    for before, (saves, n, speed, hook_s), after in zip(blocks, blocks[1:], blocks[2:]):
+        if not saves or before[0] or after[0]:
             continue
-        around = (blocks[i - 1][1] / blocks[i - 1][2] + blocks[i + 1][1] / blocks[i + 1][2]) / 2
-        ratios.append((n / seconds) / around)
-        speeds.append(n / seconds)
+        ratios.append(speed / ((before[2] + after[2]) / 2))
+        speeds.append(speed)
         per_save_ms.append(1000 * (hook_s - plain_hook_s * n) / saves_per_block)
-    return ratios, speeds, per_save_ms, [b[1] / b[2] for b in blocks if not b[0]]
+    return ratios, speeds, per_save_ms, [b[2] for b in without]
 
 
 def _launched(settings: Settings, rep: int) -> tuple[tuple[float, float], float, float]:
