@@ -7,9 +7,12 @@ wrapped in the child only). The stages, on the path the exit waits for:
 * step in flight: the signal → the cut at the end of the batch that was running;
 * dump: Lightning's ``dump_checkpoint`` and the rest of ``_save`` on the training thread;
 * serialize: pickling and the zip layout (everything of ``torch.save`` but the tensor bytes);
-* write: ``os.write``/``os.writev`` of the payload into the page cache, and the hints that start
-  the disk writing it (``sync_file_range``, which waits while the disk's queue is full);
-* hash: the sha256 left to wait for after the last write (it runs alongside the writes);
+* copy: the payload's bytes into the page-aligned staging buffers ``O_DIRECT`` writes from
+  (the twelfth session on, where the file system takes ``O_DIRECT``);
+* write: ``os.write``/``os.writev`` of the payload (to the disk with ``O_DIRECT``, otherwise into
+  the page cache, with the hints that start the disk writing it: ``sync_file_range``, which
+  waits while the disk's queue is full);
+* hash: the checksum left to wait for after the last write (it runs alongside the writes);
 * fsync: the payload's ``fsync`` (the disk writing what is not yet on it);
 * rename: the payload's rename and its folder's ``fsync``;
 * commit: the commit record (temp file, ``fsync``, rename, folder ``fsync``);
@@ -46,6 +49,7 @@ STAGES = (
     "step in flight",
     "dump",
     "serialize",
+    "copy",
     "write",
     "hash",
     "fsync",
@@ -58,7 +62,7 @@ STAGES = (
 )
 
 #: The stages that are the save path's own work, from the cut to the commit record.
-SAVE_PATH = ("serialize", "write", "hash", "fsync", "rename", "commit")
+SAVE_PATH = ("serialize", "copy", "write", "hash", "fsync", "rename", "commit")
 
 Intervals = dict[str, list[tuple[float, float]]]
 
@@ -131,6 +135,7 @@ def breakdown(lines: list[str], sent: float, exited: float) -> dict[str, float]:
         "step in flight": cut[0] - sent,
         "dump": cut[1] - cut[0],
         "serialize": serialize,
+        "copy": _total(spans["copy"], save),
         "write": writes,
         "hash": hashing,
         "fsync": _total(payload_fsync),

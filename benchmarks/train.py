@@ -57,6 +57,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="steps per block: periodic saves (--every-n-steps) on in every other block only",
     )
+    p.add_argument(
+        "--checksum",
+        choices=["xxh3_128", "sha256"],
+        default=None,
+        help="the commit record's checksum (sha256: the save before the twelfth session)",
+    )
+    p.add_argument(
+        "--buffered-writes",
+        action="store_true",
+        help="write checkpoints through the page cache, not O_DIRECT (the save before the twelfth session)",
+    )
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--announce", action="store_true")
     p.add_argument("--trace", action="store_true")
@@ -250,6 +261,7 @@ def _install_trace() -> None:
     wrap(checkpoints.CheckpointStore, "prune", "prune")
     wrap(checkpoints, "_layout", "layout")
     wrap(_io.StreamWriter if hasattr(_io, "StreamWriter") else None, "close", "stream_close")
+    wrap(getattr(_io, "_DirectStaging", None), "fill", "copy")  # into the O_DIRECT staging buffers
     wrap(_io.HashingWriter if hasattr(_io, "HashingWriter") else None, "_write", "write")
     wrap(_io.HashingWriter if hasattr(_io, "HashingWriter") else None, "write", "hashing_write")
     wrap(os, "write", "write")
@@ -271,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     resumable: pl.Callback | None = None
     if args.trace:
         _install_trace()
+    if args.buffered_writes or args.checksum:
+        from lightning_grid import _io
+
+        _io.StreamWriter.DIRECT = not args.buffered_writes
+        _io.CHECKSUM = args.checksum or _io.CHECKSUM
     if args.mode == "callback":
         from lightning_grid import Resumable
 

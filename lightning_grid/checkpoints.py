@@ -3,7 +3,7 @@
 Layout under the store URL::
 
     ckpt-0000001234-1732531234567.ckpt              the torch.save payload
-    ckpt-0000001234-1732531234567.ckpt.commit.json  its commit record: step, sha256, size, time
+    ckpt-0000001234-1732531234567.ckpt.commit.json  its commit record: step, checksum, size, time
     PREEMPTED.json                                  marker: "preempted and checkpointed at step N"
 
 A payload counts only after its commit record exists, and the record is written only after the
@@ -38,11 +38,15 @@ from lightning_grid._io import (
     atomic_file,
     atomic_write_bytes,
     atomic_writer,
+    checksum,
     describe_os_error,
     fsync_dir,
+    new_hash,
     private_user_dir,
+    split_checksum,
     write_error,
 )
+from lightning_grid.contract import ENV_EXPERIMENT
 from lightning_grid.errors import (
     CorruptCheckpointError,
     StoreError,
@@ -95,13 +99,15 @@ class CommitRecord:
 
     name: str
     step: int
-    sha256: str
+    #: ``"<algorithm>:<hex>"`` of the payload (``_io.checksum``'s form); a record written before
+    #: the twelfth session carries ``"sha256": "<hex>"``, read as ``"sha256:<hex>"``.
+    checksum: str
     size: int
     time: float
     reason: str = "periodic"
     meta: dict[str, Any] = field(default_factory=dict)
-    #: A folder checkpoint's files (name → {"sha256", "size"}); empty for a single-file checkpoint,
-    #: whose ``sha256``/``size`` are the payload's. For a folder they are the manifest's and the total.
+    #: A folder checkpoint's files (name → {"checksum", "size"}); empty for a single-file checkpoint,
+    #: whose ``checksum``/``size`` are the payload's. For a folder they are the manifest's and the total.
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -130,7 +136,7 @@ class CommitRecord:
         return cls(
             name=name,
             step=int(raw["step"]),
-            sha256=str(raw["sha256"]),
+            checksum=_checksum_of(raw),
             size=int(raw["size"]),
             time=float(raw["time"]),
             reason=str(raw.get("reason", "periodic")),
@@ -152,19 +158,35 @@ def _folder_files(raw: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(info, dict):
             raise ValueError(f"its entry for {member!r} is not an object")
         files[member] = {
-            "sha256": str(info["sha256"]),
+            "checksum": _checksum_of(info),
             "size": int(info["size"]),
-            **{k: v for k, v in info.items() if k not in ("sha256", "size")},
+            **{k: v for k, v in info.items() if k not in ("checksum", "sha256", "size")},
         }
     return files
 
 
-def folder_manifest_sha256(files: dict[str, dict[str, Any]]) -> str:
-    """The digest a folder checkpoint's record carries: of its sorted file list and checksums."""
+def _checksum_of(raw: dict[str, Any]) -> str:
+    """A record's (or a folder file's) checksum, ``"<algorithm>:<hex>"``; ValueError when it has
+    none, or names an algorithm this version does not know."""
+    if "checksum" in raw:
+        value = str(raw["checksum"])
+        split_checksum(value)
+        return value
+    return f"sha256:{str(raw['sha256'])}"  # written before the twelfth session
+
+
+def folder_manifest_checksum(files: dict[str, dict[str, Any]], algorithm: str | None = None) -> str:
+    """The checksum a folder checkpoint's record carries: of its sorted file list, each file's
+    digest and size. The digests go in without their algorithm's name, so a record written
+    before the twelfth session (sha256 throughout) still verifies."""
     canonical = json.dumps(
-        {name: [info["sha256"], int(info["size"])] for name, info in sorted(files.items())}, sort_keys=True
+        {
+            name: [split_checksum(info["checksum"])[1], int(info["size"])]
+            for name, info in sorted(files.items())
+        },
+        sort_keys=True,
     )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return checksum(canonical.encode(), algorithm)
 
 
 class _OutOfTime(Exception):
@@ -177,7 +199,7 @@ def _zip_crc32(enabled: bool) -> Iterator[None]:
 
     Only for the fallback that lets ``torch.save`` write everything: the setting is process-wide,
     so it is switched off only while the training thread waits for the write (a preemption) and
-    nobody else saves with torch; the sha256 in the commit record guards the payload, and
+    nobody else saves with torch; the checksum in the commit record guards the payload, and
     ``torch.load`` does not check the CRC."""
     config: Any = None
     if not enabled:
@@ -264,6 +286,7 @@ class CheckpointStore:
                 self._path(name),
                 f"saving the step {step} checkpoint to",
                 crc32=reason != "preempted",
+                direct=not self._synced_by_launcher(),
             )
         else:
             digest, size, upload_s = self._save_remote(checkpoint, name, step, reason)
@@ -274,6 +297,20 @@ class CheckpointStore:
         record = CommitRecord(name, step, digest, size, time.time(), reason, {**(meta or {}), **timings})
         self._write_small(name + _COMMIT_SUFFIX, record.to_json())
         return record
+
+    def _synced_by_launcher(self) -> bool:
+        """Whether this local store is inside the execution directory of a launched run, which the
+        launcher copies to its artifact store right after the exit: those bytes are best left in
+        the page cache, where the copy reads them (on a cloud disk, reading 1 GB back costs what
+        writing it did). The launcher's own checkpoint location is in the artifact store, which
+        nothing reads back; only a script that names a folder of its own lands here."""
+        if not os.environ.get(ENV_EXPERIMENT):
+            return False
+        try:
+            workdir = os.path.realpath(os.getcwd())
+            return os.path.commonpath([os.path.realpath(self.root), workdir]) == workdir
+        except (OSError, ValueError):
+            return False
 
     # -- folder checkpoints (sharded strategies, see lightning_grid.resumable.sharded) -------------
     def folder_path(self, name: str) -> str:
@@ -292,10 +329,11 @@ class CheckpointStore:
     ) -> CommitRecord:
         """Commit folder checkpoint ``name``, whose ``files`` every rank has already made durable.
 
-        The record lists every file with its sha256 and size; it is written last, so a folder
+        The record lists every file with its checksum and size; it is written last, so a folder
         without one (a rank killed mid-write) is never trusted, as an uncommitted file is not."""
         if not files:
             raise StoreError(f"checkpoint folder {name!r} has no files to commit")
+        files = _folder_files(files)  # checked, and in the form a record carries
         if self.is_local:
             fsync_dir(self._path(name))
             fsync_dir(self.root)
@@ -303,7 +341,7 @@ class CheckpointStore:
         record = CommitRecord(
             name,
             step,
-            folder_manifest_sha256(files),
+            folder_manifest_checksum(files),
             total,
             time.time(),
             reason,
@@ -315,20 +353,22 @@ class CheckpointStore:
         return record
 
     def _verify_folder(self, record: CommitRecord) -> None:
-        """Every file of a folder checkpoint is there with the size and sha256 its record lists."""
+        """Every file of a folder checkpoint is there with the size and checksum its record lists."""
         if not safe_folder_name(record.name):
             raise CorruptCheckpointError(
                 f"refusing to read {record.name!r}: not a checkpoint folder in {self.url}"
             )
-        if folder_manifest_sha256(record.files) != record.sha256:
+        algorithm = split_checksum(record.checksum)[0]
+        if folder_manifest_checksum(record.files, algorithm) != record.checksum:
             raise CorruptCheckpointError(
-                f"checkpoint {self.location(record.name)}: its commit record's file list does not match its sha256"
+                f"checkpoint {self.location(record.name)}: its commit record's file list does not match its checksum"
             )
         for member, info in sorted(record.files.items()):
             if not safe_member_name(member):
                 raise CorruptCheckpointError(f"refusing to read {member!r} in {self.location(record.name)}")
             path = f"{self._path(record.name)}/{member}"
-            digest = hashlib.sha256()
+            algorithm, expected = split_checksum(info["checksum"])
+            digest = new_hash(algorithm)
             size = 0
             try:
                 with self.fs.open(path, "rb") as handle:
@@ -344,10 +384,10 @@ class CheckpointStore:
                     f"checkpoint {self.location(record.name)}: {member} has {size} bytes, its commit record says"
                     f" {info['size']}"
                 )
-            if digest.hexdigest() != info["sha256"]:
+            if digest.hexdigest() != expected:
                 raise CorruptCheckpointError(
-                    f"checkpoint {self.location(record.name)}: {member} has sha256 {digest.hexdigest()[:12]}…, its"
-                    f" commit record says {str(info['sha256'])[:12]}…"
+                    f"checkpoint {self.location(record.name)}: {member} has {algorithm} {digest.hexdigest()[:12]}…,"
+                    f" its commit record says {expected[:12]}…"
                 )
 
     def _remove(self, name: str) -> None:
@@ -378,6 +418,7 @@ class CheckpointStore:
             local,
             f"spooling the step {step} checkpoint (for {self.url}) to",
             crc32=reason != "preempted",
+            direct=False,  # the upload reads it back at once: from the page cache, not the disk
         )
         started = time.monotonic()
         try:
@@ -475,7 +516,7 @@ class CheckpointStore:
             return False
         meta = {**record.meta, "upload_s": round(time.monotonic() - started, 4)}
         committed = CommitRecord(
-            record.name, record.step, record.sha256, record.size, time.time(), record.reason, meta
+            record.name, record.step, record.checksum, record.size, time.time(), record.reason, meta
         )
         self._write_small(record.name + _COMMIT_SUFFIX, committed.to_json())
         return True
@@ -565,11 +606,12 @@ class CheckpointStore:
             raise CorruptCheckpointError(
                 f"checkpoint {self.location(record.name)} has {len(data)} bytes, its commit record says {record.size}"
             )
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != record.sha256:
+        algorithm, expected = split_checksum(record.checksum)
+        digest = checksum(data, algorithm)
+        if digest != record.checksum:
             raise CorruptCheckpointError(
-                f"checkpoint {self.location(record.name)} has sha256 {digest[:12]}…, its commit record says"
-                f" {record.sha256[:12]}…"
+                f"checkpoint {self.location(record.name)} has {algorithm} {split_checksum(digest)[1][:12]}…, its"
+                f" commit record says {expected[:12]}…"
             )
         return data
 
@@ -657,8 +699,10 @@ class CheckpointStore:
             fsync_dir(self.root)
 
 
-def _serialise(checkpoint: Any, path: str, what: str, crc32: bool = True) -> tuple[str, int]:
-    """``torch.save`` of ``checkpoint`` to ``path`` atomically, hashing on the way; (sha256, size).
+def _serialise(
+    checkpoint: Any, path: str, what: str, crc32: bool = True, direct: bool = True
+) -> tuple[str, int]:
+    """``torch.save`` of ``checkpoint`` to ``path`` atomically, hashing on the way; (checksum, size).
 
     The bytes are what ``torch.save`` writes, but the tensor data does not pass through it: torch
     lays the archive out (pickle, zip headers) with each storage's place left open, and the
@@ -667,8 +711,9 @@ def _serialise(checkpoint: Any, path: str, what: str, crc32: bool = True) -> tup
     storage is copied to the host a chunk at a time, each copy overlapped with the write of the
     chunk before it. Only a torch without ``skip_data`` (< 2.6), or a checkpoint whose layout
     this does not recognise, goes through ``torch.save`` itself (``crc32``: whether it computes
-    zip's CRC-32 there; the streamed archive never has them: the commit record's sha256 guards
-    the payload, and ``torch.load`` does not check them).
+    zip's CRC-32 there; the streamed archive never has them: the commit record's checksum guards
+    the payload, and ``torch.load`` does not check them). ``direct``: past the page cache where
+    the file system allows it (``StreamWriter``); False for bytes that are read back at once.
 
     A failed write leaves no temp file and raises ``StoreFullError``/``StoreWriteError`` naming
     the path and the OS's reason."""
@@ -678,13 +723,13 @@ def _serialise(checkpoint: Any, path: str, what: str, crc32: bool = True) -> tup
             return _serialise_with_torch(checkpoint, path, what)
     try:
         with atomic_file(path) as fd:
-            return _write_pieces(fd, layout)
+            return _write_pieces(fd, layout, direct)
     except OSError as exc:
         raise write_error(exc, path, what) from exc
 
 
 def save_file(obj: Any, path: str, what: str) -> tuple[str, int]:
-    """``torch.save`` of ``obj`` to a local ``path``, atomically; (sha256, size). A full disk is
+    """``torch.save`` of ``obj`` to a local ``path``, atomically; (checksum, size). A full disk is
     reported as ``StoreFullError`` naming the path, where ``torch.save`` itself says only
     "unexpected pos …"."""
     return _serialise(obj, path, what)
@@ -706,7 +751,7 @@ def _serialise_with_torch(checkpoint: Any, path: str, what: str) -> tuple[str, i
             # From the OSError: torch's "unexpected pos" says nothing a user can act on.
             raise write_error(writer.error, path, what) from writer.error
         raise
-    return writer.sha256, writer.size
+    return writer.checksum, writer.size
 
 
 class _Recorder:
@@ -819,9 +864,9 @@ def _layout(checkpoint: Any) -> list[Any] | None:
     return layout
 
 
-def _write_pieces(fd: int, layout: list[Any]) -> tuple[str, int]:
-    """Archive bytes and storages to ``fd`` in order, hashed in one pass; (sha256, size)."""
-    stream = StreamWriter(fd)
+def _write_pieces(fd: int, layout: list[Any], direct: bool = True) -> tuple[str, int]:
+    """Archive bytes and storages to ``fd`` in order, hashed in one pass; (checksum, size)."""
+    stream = StreamWriter(fd, direct=None if direct else False)
     staging: _Staging | None = None
     try:
         for piece in layout:

@@ -14,7 +14,7 @@ synchronously (training waits for the write):
 3. every rank fsyncs and hashes the files it wrote, and the lists (or the rank's error) are
    gathered to rank 0, a collective every rank joins whether its write failed or not; rank 0 then
    also hashes any file in the folder nobody claimed;
-4. rank 0 writes the commit record, listing every file with its sha256 and size, once the saved
+4. rank 0 writes the commit record, listing every file with its checksum and size, once the saved
    step's logs are flushed (in the callback's writer thread, as for a single file).
 
 Periodic saves do not hold training up for the write (where this torch's DCP allows it, see
@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import errno
 import functools
-import hashlib
 import inspect
 import logging
 import os
@@ -53,7 +52,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_grid._io import FULL_ERRNOS, describe_os_error
+from lightning_grid._io import FULL_ERRNOS, describe_os_error, labelled_hash
 from lightning_grid.checkpoints import CheckpointStore, CommitRecord, save_file
 from lightning_grid.errors import StoreError, StoreFullError, StoreWriteError, UsageError
 from lightning_grid.resumable import _lightning
@@ -102,8 +101,8 @@ def _own_files(folder: str, rank: int) -> list[str]:
 
 
 def _durable_digest(path: str) -> dict[str, Any]:
-    """fsync ``path`` and return its sha256 and size (one read; the bytes are in the page cache)."""
-    digest = hashlib.sha256()
+    """fsync ``path`` and return its checksum and size (one read; the bytes are in the page cache)."""
+    algorithm, digest = labelled_hash()
     size = 0
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -114,7 +113,7 @@ def _durable_digest(path: str) -> dict[str, Any]:
                 size += len(chunk)
     finally:
         os.close(fd)
-    return {"sha256": digest.hexdigest(), "size": size}
+    return {"checksum": f"{algorithm}:{digest.hexdigest()}", "size": size}
 
 
 def check_store(trainer: pl.Trainer, store: CheckpointStore) -> None:

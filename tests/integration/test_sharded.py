@@ -5,7 +5,6 @@ checkpoint the resume point. Real processes under torchrun, FSDP on CPU with glo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_grid._io import checksum
 from lightning_grid.checkpoints import CheckpointStore, CommitRecord
 from lightning_grid.shutdown import Plan, ShutdownNotice, write_notice
 from tests.helpers import assert_bit_identical, run_fsdp
@@ -39,8 +39,8 @@ def _records(ckpt: Path) -> list[CommitRecord]:
     return CheckpointStore(str(ckpt)).committed()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _checksum(path: Path) -> str:
+    return checksum(path.read_bytes())
 
 
 @pytest.mark.slow
@@ -63,7 +63,7 @@ def test_sigterm_mid_epoch_then_relaunch_is_bit_identical(
     assert sorted(shards) == ["__0_0.distcp", "__1_0.distcp"]
     assert {".metadata", "meta.pt"} <= set(on_disk)
     for name, info in record.files.items():
-        assert info["sha256"] == _sha256(folder / name) and info["size"] == (folder / name).stat().st_size
+        assert info["checksum"] == _checksum(folder / name) and info["size"] == (folder / name).stat().st_size
     raw = json.loads((ckpt / f"{record.name}.commit.json").read_text())
     assert raw["files"].keys() == record.files.keys()
     assert [p.name for p in ckpt.iterdir() if p.suffix in (".ckpt", ".dcp")] == [record.name]
@@ -234,7 +234,7 @@ def _write_folder(store: CheckpointStore, name: str, files: dict[str, bytes]) ->
     listed: dict[str, dict[str, object]] = {}
     for member, data in files.items():
         (folder / member).write_bytes(data)
-        listed[member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        listed[member] = {"checksum": checksum(data), "size": len(data)}
     return listed
 
 
@@ -258,19 +258,20 @@ def test_folder_records_verify_every_file(tmp_path: Path) -> None:
 
 
 def test_folder_records_refuse_names_outside_the_folder(tmp_path: Path) -> None:
-    good = {"__0_0.distcp": {"sha256": "0" * 64, "size": 1}}
-    record = CommitRecord("ckpt-1-1.dcp", 1, "x", 1, 0.0, files=good)
+    good = {"__0_0.distcp": {"checksum": "xxh3_128:" + "0" * 32, "size": 1}}
+    record = CommitRecord("ckpt-1-1.dcp", 1, "xxh3_128:" + "0" * 32, 1, 0.0, files=good)
     assert CommitRecord.from_json(record.to_json()).files == good
     for name, files in [
-        ("ckpt-1-1.dcp", {"../escape": {"sha256": "0", "size": 1}}),
-        ("ckpt-1-1.dcp", {"a/b": {"sha256": "0", "size": 1}}),
+        ("ckpt-1-1.dcp", {"../escape": {"checksum": "sha256:0", "size": 1}}),
+        ("ckpt-1-1.dcp", {"a/b": {"checksum": "sha256:0", "size": 1}}),
+        ("ckpt-1-1.dcp", {"__0_0.distcp": {"checksum": "md4:0", "size": 1}}),  # unknown algorithm
         ("../ckpt-1-1.dcp", good),
         ("ckpt-1-1.ckpt", good),  # a file's name cannot carry a file list
     ]:
         with pytest.raises(ValueError):
-            CommitRecord.from_json(CommitRecord(name, 1, "x", 1, 0.0, files=files).to_json())
+            CommitRecord.from_json(CommitRecord(name, 1, "sha256:0", 1, 0.0, files=files).to_json())
     # A single-file record reads (and is written) exactly as before.
-    plain = CommitRecord("ckpt-1-1.ckpt", 1, "x", 1, 0.0)
+    plain = CommitRecord("ckpt-1-1.ckpt", 1, "sha256:0", 1, 0.0)
     assert "files" not in json.loads(plain.to_json())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -29,7 +30,7 @@ class StoreContract:
     def test_save_commit_and_load_round_trip(self, store: CheckpointStore) -> None:
         payload = {"w": torch.arange(10.0), "step": 7}
         record = store.save(payload, step=7, reason="preempted", meta={"epoch": 0})
-        assert record.step == 7 and record.size > 0 and len(record.sha256) == 64
+        assert record.step == 7 and record.size > 0 and record.checksum.startswith("xxh3_128:")
         found = store.latest_valid()
         assert found is not None
         got_record, data = found
@@ -71,12 +72,45 @@ class StoreContract:
         message = caplog.text
         assert bad.name in message and good.name in message
 
+    def test_records_from_before_the_xxh3_checksum_still_verify(self, store: CheckpointStore) -> None:
+        """A store written by an earlier version (``"sha256": "<hex>"`` in its records) resumes:
+        its checkpoints verify, a flipped bit is still caught, and new saves go beside them."""
+        old = store.save({"w": torch.arange(5.0)}, step=3)
+        data = store.fs.cat_file(self._fs_path(store, old.name))
+        legacy = json.loads(old.to_json())
+        del legacy["checksum"]
+        legacy["sha256"] = hashlib.sha256(data).hexdigest()
+        store.fs.pipe_file(self._fs_path(store, old.name + ".commit.json"), json.dumps(legacy).encode())
+        found = store.latest_valid()
+        assert found is not None and found[0].checksum == f"sha256:{legacy['sha256']}"
+        assert torch.equal(store.load_bytes(found[1])["w"], torch.arange(5.0))
+        new = store.save({"w": torch.ones(2)}, step=4)
+        assert [r.step for r in store.committed()] == [4, 3] and new.checksum.startswith("xxh3_128:")
+        flipped = bytearray(data)
+        flipped[len(flipped) // 2] ^= 0x01
+        store.fs.pipe_file(self._fs_path(store, old.name), bytes(flipped))
+        with pytest.raises(CorruptCheckpointError, match="sha256"):
+            store.read_verified(found[0])
+
+    def test_a_record_naming_an_unknown_checksum_is_not_trusted(
+        self, store: CheckpointStore, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        good = store.save({"w": torch.zeros(3)}, step=1)
+        newer = store.save({"w": torch.ones(3)}, step=2)
+        raw = json.loads(newer.to_json())
+        raw["checksum"] = "blake3:" + "0" * 64  # a newer version's algorithm, say
+        store.fs.pipe_file(self._fs_path(store, newer.name + ".commit.json"), json.dumps(raw).encode())
+        with caplog.at_level(logging.WARNING, logger="lightning_grid"):
+            found = store.latest_valid()
+        assert found is not None and found[0] == good
+        assert "blake3" in caplog.text
+
     def test_flipped_bit_is_detected(self, store: CheckpointStore) -> None:
         record = store.save({"w": torch.zeros(100)}, step=4)
         data = bytearray(store.fs.cat_file(self._fs_path(store, record.name)))
         data[len(data) // 2] ^= 0x01
         store.fs.pipe_file(self._fs_path(store, record.name), bytes(data))
-        with pytest.raises(CorruptCheckpointError, match="sha256"):
+        with pytest.raises(CorruptCheckpointError, match="xxh3_128"):
             store.read_verified(record)
         assert store.latest_valid() is None
 

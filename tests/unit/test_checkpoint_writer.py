@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import hashlib
 import io
 import os
 import subprocess
@@ -107,21 +106,22 @@ def test_streamed_archive_is_torch_saves_record_for_record(tmp_path: Path) -> No
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_single_pass_hash_is_the_sha256_of_the_committed_file(tmp_path: Path) -> None:
+def test_single_pass_hash_is_the_checksum_of_the_committed_file(tmp_path: Path) -> None:
     store = CheckpointStore(str(tmp_path / "ck"))
     for reason in ("periodic", "preempted"):
         record = store.save(_varied(), 3, reason=reason)
         data = (tmp_path / "ck" / record.name).read_bytes()
         assert record.size == len(data)
-        assert record.sha256 == hashlib.sha256(data).hexdigest()
+        assert record.checksum == _io.checksum(data)
     found = store.latest_valid()
     assert found is not None
     assert _same(_varied(), store.load_bytes(found[1]))
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
 @pytest.mark.parametrize("batch", [1000, 1 << 20])
 def test_stream_writer_hash_and_bytes_survive_short_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int, direct: bool
 ) -> None:
     """``writev`` may write less than asked, even part of a buffer: the rest goes round again,
     hashed once; with one batch (hashed on the calling thread) and with many (on the helper)."""
@@ -136,7 +136,7 @@ def test_stream_writer_hash_and_bytes_survive_short_writes(
     payload = [os.urandom(5000), b"", bytearray(b"abc"), memoryview(os.urandom(2500))]
     try:
         monkeypatch.setattr(os, "writev", short)
-        stream = _io.StreamWriter(fd)
+        stream = _io.StreamWriter(fd, direct=direct)
         for piece in payload:
             stream.write(piece)
         digest = stream.close()
@@ -145,7 +145,7 @@ def test_stream_writer_hash_and_bytes_survive_short_writes(
         os.close(fd)
     expected = b"".join(bytes(p) for p in payload)
     assert path.read_bytes() == expected
-    assert digest == hashlib.sha256(expected).hexdigest()
+    assert digest == _io.checksum(expected)
     assert stream.size == len(expected)
 
 
@@ -211,7 +211,7 @@ def test_falls_back_to_torch_save_without_skip_data(tmp_path: Path, monkeypatch:
     store = CheckpointStore(str(tmp_path / "ck"))
     record = store.save(_varied(), 1, reason="preempted")
     data = (tmp_path / "ck" / record.name).read_bytes()
-    assert record.sha256 == hashlib.sha256(data).hexdigest()
+    assert record.checksum == _io.checksum(data)
     assert _same(_varied(), store.load_bytes(data))
 
 
@@ -223,7 +223,7 @@ def test_an_unrecognised_layout_falls_back_to_torch_save(
     assert ckpt._layout(_varied()) is None
     path = tmp_path / "x.ckpt"
     digest, _ = ckpt._serialise(_varied(), str(path), "saving")
-    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == _io.checksum(path.read_bytes())
     assert _same(_varied(), torch.load(path, weights_only=False))
 
 
@@ -245,7 +245,7 @@ def test_staged_copies_write_every_byte_in_order(tmp_path: Path, chunk: int) -> 
         os.close(fd)
     expected = b"".join(bytes(s) for s in storages)
     assert path.read_bytes() == expected
-    assert digest == hashlib.sha256(expected).hexdigest()
+    assert digest == _io.checksum(expected)
 
 
 @pytest.mark.gpu
@@ -263,7 +263,7 @@ def test_gpu_checkpoint_streams_through_staging_and_loads(
     path = tmp_path / "gpu.ckpt"
     digest, _ = ckpt._serialise(obj, str(path), "saving")
     ours = path.read_bytes()
-    assert digest == hashlib.sha256(ours).hexdigest()
+    assert digest == _io.checksum(ours)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     mine, reference = _records(ours), _records(buffer.getvalue())

@@ -105,7 +105,7 @@ def test_publish_commits_only_what_arrived_in_time(tmp_path: Path) -> None:
         assert not folder.exists() or list(folder.iterdir()) == []  # no payload, no temp file
     assert store.publish(spool, record, deadline=time.monotonic() + 120) is True
     published = store.committed()[0]
-    assert (published.name, published.step, published.sha256) == (record.name, 10, record.sha256)
+    assert (published.name, published.step, published.checksum) == (record.name, 10, record.checksum)
     assert store.read_verified(published)  # the bytes arrived whole
 
 

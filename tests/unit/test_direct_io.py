@@ -1,0 +1,255 @@
+"""Checkpoint bytes written with ``O_DIRECT``: aligned writes from page-aligned staging buffers, a
+padded last block cut back to the file's length, and the page cache used instead, with the same
+bytes, wherever the file system or the file refuses.
+
+No timing is asserted here: ``benchmarks/`` measures what bypassing the page cache is worth.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_grid import _io
+from lightning_grid.checkpoints import CheckpointStore
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+
+ALIGN = _io.StreamWriter.DIRECT_ALIGN
+
+
+class Recorder:
+    """Wraps ``os.writev``: for each call, whether the file had ``O_DIRECT``, the length and the
+    address of each buffer; optionally refuses direct writes the way a file system does."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False) -> None:
+        self.calls: list[tuple[bool, list[tuple[int, int]]]] = []
+        self.refused = 0
+        real = os.writev
+
+        def writev(fd: int, buffers: list[Any]) -> int:
+            direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+            shapes = [(memoryview(b).nbytes, _address(memoryview(b))) for b in buffers]
+            self.calls.append((direct, shapes))
+            if direct and refuse_direct:
+                self.refused += 1
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, buffers)
+
+        monkeypatch.setattr(os, "writev", writev)
+
+    @property
+    def direct_calls(self) -> list[list[tuple[int, int]]]:
+        return [shapes for direct, shapes in self.calls if direct]
+
+
+def _address(view: memoryview) -> int:
+    if view.readonly:
+        return -1
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _write(path: Path, pieces: list[Any], **kwargs: Any) -> tuple[str, _io.StreamWriter]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        stream = _io.StreamWriter(fd, **kwargs)
+        for piece in pieces:
+            stream.write(piece)
+        return stream.close(), stream
+    finally:
+        os.close(fd)
+
+
+def _pieces() -> list[Any]:
+    """Small read-only headers between large writable tensors, odd lengths everywhere."""
+    gen = torch.Generator().manual_seed(3)
+    big = torch.randn(70_001, generator=gen)  # 280 KB: memmove'd, spans many staging buffers
+    small = torch.randn(5, generator=gen)
+    return [b"PK\x03\x04header", memoryview(big.numpy()).cast("B"), b"", b"x" * 4097, small.numpy().tobytes()]
+
+
+@pytest.mark.parametrize("batch", [ALIGN, 3 * ALIGN + 100, 1 << 20])
+def test_direct_writes_are_whole_aligned_blocks_and_the_file_is_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    monkeypatch.setattr(_io.StreamWriter, "BATCH_BYTES", batch)
+    recorder = Recorder(monkeypatch)
+    pieces = _pieces()
+    digest, stream = _write(tmp_path / "out", pieces)
+    expected = b"".join(bytes(p) for p in pieces)
+    assert stream.direct
+    assert (tmp_path / "out").read_bytes() == expected  # the padded last block was cut off
+    assert digest == _io.checksum(expected)
+    assert stream.size == len(expected)
+    assert recorder.calls and all(direct for direct, _ in recorder.calls)
+    for shapes in recorder.direct_calls:
+        for length, address in shapes:
+            assert length % ALIGN == 0 and address % ALIGN == 0
+    assert len(expected) % ALIGN  # the test's payload does end in a partial block
+
+
+def test_a_refused_direct_write_goes_through_the_page_cache_with_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that accepts the flag and then refuses the write (EINVAL): the first refusal
+    turns the flag off and that buffer and the rest are written buffered, nothing lost or doubled."""
+    monkeypatch.setattr(_io.StreamWriter, "BATCH_BYTES", 2 * ALIGN)
+    recorder = Recorder(monkeypatch, refuse_direct=True)
+    pieces = _pieces()
+    digest, stream = _write(tmp_path / "out", pieces)
+    expected = b"".join(bytes(p) for p in pieces)
+    assert recorder.refused == 1 and not stream.direct
+    assert (tmp_path / "out").read_bytes() == expected
+    assert digest == _io.checksum(expected)
+    assert [direct for direct, _ in recorder.calls[1:]] == [False] * (len(recorder.calls) - 1)
+
+
+def test_a_short_direct_write_is_finished_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk takes part of a block (a nearly full disk does that): the next write would start
+    unaligned, so the rest is written buffered; the file is still exact."""
+    monkeypatch.setattr(_io.StreamWriter, "BATCH_BYTES", 4 * ALIGN)
+    real = os.writev
+    shortened = []
+
+    def short_once(fd: int, buffers: list[Any]) -> int:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if shortened or not flags & os.O_DIRECT:
+            return real(fd, buffers)
+        shortened.append(True)  # the disk took 1000 bytes of the first block, and no more
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        try:
+            return real(fd, [memoryview(buffers[0])[:1000]])
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+    monkeypatch.setattr(os, "writev", short_once)
+    pieces = _pieces()
+    digest, stream = _write(tmp_path / "out", pieces)
+    expected = b"".join(bytes(p) for p in pieces)
+    assert shortened and not stream.direct
+    assert (tmp_path / "out").read_bytes() == expected
+    assert digest == _io.checksum(expected)
+
+
+def test_a_file_at_an_unaligned_position_is_written_buffered(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"12345")
+        stream = _io.StreamWriter(fd)
+        assert not stream.direct
+        stream.write(b"abc" * 5000)
+        stream.close()
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"12345" + b"abc" * 5000
+
+
+@pytest.mark.parametrize("value", ["0", "off", " False "])
+def test_buffered_when_the_user_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(_io.DIRECT_IO_ENV, value)
+    recorder = Recorder(monkeypatch)
+    store = CheckpointStore(str(tmp_path / "ck"))
+    record = store.save({"w": torch.randn(50_000)}, 1)
+    assert recorder.calls and not recorder.direct_calls
+    assert record.checksum == _io.checksum((tmp_path / "ck" / record.name).read_bytes())
+    monkeypatch.setenv(_io.DIRECT_IO_ENV, "1")
+    store.save({"w": torch.randn(50_000)}, 2)
+    assert recorder.direct_calls
+
+
+def test_a_failed_direct_write_returns_the_staging_buffers_and_stops_hashing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_io.StreamWriter, "BATCH_BYTES", ALIGN)
+    monkeypatch.setattr(_io, "_POOL", _io._BufferPool())
+    real = os.writev
+    calls = []
+
+    def fails_third(fd: int, buffers: list[Any]) -> int:
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", fails_third)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    stream = _io.StreamWriter(fd)
+    try:
+        with pytest.raises(OSError, match="No space"):
+            for piece in _pieces():
+                stream.write(piece)
+        stream.abort()
+    finally:
+        os.close(fd)
+    assert len(_io._POOL._free) == 2  # both staging buffers are back, for the next save
+    assert not any(
+        t.name == "lightning_grid-hash" and t.is_alive() for t in __import__("threading").enumerate()
+    )
+
+
+def test_saves_reuse_the_same_staging_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh mapping pays a page fault per 4 KB at every save; the pool keeps two buffers."""
+    monkeypatch.setattr(_io, "_POOL", _io._BufferPool())
+    recorder = Recorder(monkeypatch)
+    store = CheckpointStore(str(tmp_path / "ck"))
+    state = {"w": torch.randn(100_000)}
+    for step in (1, 2, 3):
+        store.save(state, step, reason="periodic")
+    addresses = [{address for _, address in shapes} for shapes in recorder.direct_calls]
+    assert len(addresses) >= 3 and addresses[0] == addresses[-1]
+    found = store.latest_valid()
+    assert found is not None and found[0].step == 3
+    assert torch.equal(store.load_bytes(found[1])["w"], state["w"])
+
+
+def test_the_pool_keeps_two_buffers_of_the_size_in_use() -> None:
+    pool = _io._BufferPool()
+    first, second, third = pool.take(ALIGN), pool.take(ALIGN), pool.take(ALIGN)
+    assert first.address % ALIGN == 0 and len({first.address, second.address, third.address}) == 3
+    for buffer in (first, second, third):
+        pool.give(buffer)
+    assert len(pool._free) == pool.KEEP == 2
+    again = {pool.take(ALIGN).address, pool.take(ALIGN).address}
+    assert again == {second.address, first.address}
+    pool.give(first)
+    assert pool.take(2 * ALIGN).size == 2 * ALIGN and not pool._free  # a stale size is dropped
+
+
+def test_bytes_read_back_at_once_go_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote store's spool file is uploaded right after it is written, and a store inside a
+    launched run's working directory is copied by the launcher right after the exit: both are
+    written buffered, where the reader finds them. A local store elsewhere is written direct."""
+    from lightning_grid.contract import ENV_EXPERIMENT
+
+    state = {"w": torch.randn(50_000)}
+    recorder = Recorder(monkeypatch)
+    remote = CheckpointStore(f"memory://direct-io-{uuid.uuid4().hex}", spool_dir=str(tmp_path / "spool"))
+    record = remote.save(state, 1)
+    assert recorder.calls and not recorder.direct_calls
+    assert record.checksum == _io.checksum(remote.fs.cat_file(f"{remote.root}/{record.name}"))
+
+    workdir = tmp_path / "execdir"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv(ENV_EXPERIMENT, "exp")
+    recorder.calls.clear()
+    CheckpointStore("ckpts").save(state, 2)  # the script's own folder, in the execution directory
+    assert recorder.calls and not recorder.direct_calls
+    CheckpointStore(str(tmp_path / "artifacts" / "exp" / "checkpoints")).save(state, 3)  # the launcher's
+    assert recorder.direct_calls
+    recorder.calls.clear()
+    monkeypatch.delenv(ENV_EXPERIMENT)
+    CheckpointStore("ckpts").save(state, 4)  # not launched: nothing copies it
+    assert recorder.direct_calls
