@@ -85,8 +85,13 @@ def checksum(data: bytes | bytearray | memoryview, algorithm: str | None = None)
 def split_checksum(value: str) -> tuple[str, str]:
     """``"xxh3_128:ab…"`` → ``("xxh3_128", "ab…")``; ValueError for anything else."""
     algorithm, sep, hexdigest = value.partition(":")
-    if not sep or algorithm not in _HASHES or not hexdigest:
+    if not sep or not algorithm or not hexdigest:
         raise ValueError(f"not a checksum: {value[:40]!r}")
+    if algorithm not in _HASHES:
+        raise ValueError(
+            f"its checksum algorithm {algorithm[:40]!r} is unknown to this version (written by a newer"
+            " lightning-grid?)"
+        )
     return algorithm, hexdigest
 
 
@@ -284,18 +289,29 @@ class StreamWriter:
         self._hasher: _Hasher | None = None
         self._hashed: threading.Event | None = None  # set once all that was flushed is hashed
         self.size = 0  # bytes written so far
+        self._start = 0  # where the file position was (direct: the padded tail is cut at start + size)
         self._staging: _DirectStaging | None = None
         if direct is None:
             direct = self.DIRECT and _direct_io_allowed()
         if direct and _set_direct(fd, True, self.DIRECT_ALIGN):
-            self._staging = _DirectStaging(
-                max(self.DIRECT_ALIGN, self.BATCH_BYTES // self.DIRECT_ALIGN * self.DIRECT_ALIGN)
-            )
-            self._writeback = None  # nothing is left dirty in the page cache
+            try:
+                self._staging = _DirectStaging(
+                    max(self.DIRECT_ALIGN, self.BATCH_BYTES // self.DIRECT_ALIGN * self.DIRECT_ALIGN)
+                )
+            except (OSError, MemoryError) as exc:  # no memory for staging: buffered, not a failed save
+                log.warning(
+                    "lightning_grid: writing this checkpoint through the page cache: no memory for"
+                    " the O_DIRECT staging buffers (%s)",
+                    exc,
+                )
+                _set_direct(fd, False, self.DIRECT_ALIGN)
+            else:
+                self._start = os.lseek(fd, 0, os.SEEK_CUR)
+                self._writeback = None  # nothing is left dirty in the page cache
 
     @property
     def direct(self) -> bool:
-        """Whether the bytes go to the disk without the page cache (so far)."""
+        """Whether the bytes went to the disk without the page cache (all of them, so far)."""
         return self._staging is not None and self._staging.direct
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -413,23 +429,28 @@ class StreamWriter:
                     self._hash.update(tail)
                 else:
                     self._hashed = self._hasher.submit([tail])
+                    staging.hashed(self._hashed)
                 padded = staging.direct and tail.nbytes % self.DIRECT_ALIGN
                 self._write_direct(tail)
                 if padded:
-                    os.ftruncate(self._fd, self.size)
+                    os.ftruncate(self._fd, self._start + self.size)
             if self._hasher is not None:
                 self._hasher.stop()
         finally:
-            staging.release()
+            self.abort()  # after a failure too: no thread reads a buffer once they are given back
 
     def abort(self) -> None:
-        """After a failed write: nothing more is written; returns once no thread reads a buffer."""
+        """After a failed write: nothing more is written; returns once no thread reads a buffer.
+        The staging buffers go back to the pool, and the descriptor is left without ``O_DIRECT``,
+        as the caller gave it."""
         self._queued, self._queued_bytes = [], 0
         if self._hasher is not None:
             with contextlib.suppress(BaseException):
                 self._hasher.stop()
         if self._staging is not None:
             self._staging.release()
+            if self._staging.direct:
+                _set_direct(self._fd, False, self.DIRECT_ALIGN)
 
 
 #: Set to 0 (or false, no, off) to write checkpoints through the page cache: for a file system
@@ -551,7 +572,10 @@ class _Aligned:
     def __init__(self, size: int) -> None:
         import mmap
 
-        self.map = mmap.mmap(-1, size)
+        # Private: a shared mapping would be the same memory in a process forked after a save
+        # (DDP's fork start method, a fork-based pool), and two processes saving at once would
+        # write each other's bytes, hashed as their own.
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         self.view = memoryview(self.map)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
         self.size = size
@@ -581,6 +605,17 @@ class _BufferPool:
 
 
 _POOL = _BufferPool()
+
+
+def _empty_pool_after_fork() -> None:
+    """A forked child starts with a pool of its own: no buffers, and a lock nobody holds (the
+    parent's writer thread may have held it at the fork)."""
+    global _POOL
+    _POOL = _BufferPool()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_empty_pool_after_fork)
 
 
 class _Hasher:

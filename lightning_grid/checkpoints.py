@@ -172,7 +172,9 @@ def _checksum_of(raw: dict[str, Any]) -> str:
         value = str(raw["checksum"])
         split_checksum(value)
         return value
-    return f"sha256:{str(raw['sha256'])}"  # written before the twelfth session
+    if "sha256" in raw:
+        return f"sha256:{str(raw['sha256'])}"  # written before the twelfth session
+    raise ValueError("it has no checksum")
 
 
 def folder_manifest_checksum(files: dict[str, dict[str, Any]], algorithm: str | None = None) -> str:
@@ -731,8 +733,8 @@ def _serialise(
 def save_file(obj: Any, path: str, what: str) -> tuple[str, int]:
     """``torch.save`` of ``obj`` to a local ``path``, atomically; (checksum, size). A full disk is
     reported as ``StoreFullError`` naming the path, where ``torch.save`` itself says only
-    "unexpected pos …"."""
-    return _serialise(obj, path, what)
+    "unexpected pos …". Buffered: its callers hash the file again right after."""
+    return _serialise(obj, path, what, direct=False)
 
 
 def _serialise_with_torch(checkpoint: Any, path: str, what: str) -> tuple[str, int]:

@@ -5,6 +5,7 @@ checkpoint the resume point. Real processes under torchrun, FSDP on CPU with glo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -254,6 +255,28 @@ def test_folder_records_verify_every_file(tmp_path: Path) -> None:
     found = store.latest_valid()
     assert found is not None and found[0].name == old.name
     (tmp_path / old.name / "meta.pt").unlink()
+    assert store.latest_valid() is None
+
+
+def test_folder_records_from_before_the_xxh3_checksum_still_verify(tmp_path: Path) -> None:
+    """A sharded checkpoint committed by an earlier version: sha256 per file and for the manifest
+    (over the sorted names, digests and sizes), under the ``sha256`` keys."""
+    store = CheckpointStore(str(tmp_path))
+    name = "ckpt-0000000004-1.dcp"
+    files = {"__0_0.distcp": b"a" * 10, ".metadata": b"m", "meta.pt": b"p"}
+    folder = Path(store.folder_path(name))
+    folder.mkdir(parents=True)
+    listed = {}
+    for member, data in files.items():
+        (folder / member).write_bytes(data)
+        listed[member] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest = json.dumps({m: [i["sha256"], i["size"]] for m, i in sorted(listed.items())}, sort_keys=True)
+    record = {"name": name, "step": 4, "sha256": hashlib.sha256(manifest.encode()).hexdigest(), "size": 12,
+              "time": time.time(), "reason": "preempted", "meta": {}, "files": listed}  # fmt: skip
+    (tmp_path / f"{name}.commit.json").write_text(json.dumps(record))
+    found = store.latest_valid()
+    assert found is not None and found[0].name == name and found[0].checksum.startswith("sha256:")
+    (folder / "__0_0.distcp").write_bytes(b"b" * 10)  # same size, other bytes
     assert store.latest_valid() is None
 
 
