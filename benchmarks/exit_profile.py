@@ -11,7 +11,9 @@ wrapped in the child only). The stages, on the path the exit waits for:
   (the twelfth session on, where the file system takes ``O_DIRECT``);
 * write: ``os.write``/``os.writev`` of the payload (to the disk with ``O_DIRECT``, otherwise into
   the page cache, with the hints that start the disk writing it: ``sync_file_range``, which
-  waits while the disk's queue is full);
+  waits while the disk's queue is full); direct writes run on a thread of their own while the
+  next buffer is copied (the thirteenth session on), and only what no copy overlaps counts here,
+  so that the stages still add up to the exit;
 * hash: the checksum left to wait for after the last write (it runs alongside the writes);
 * fsync: the payload's ``fsync`` (the disk writing what is not yet on it);
 * rename: the payload's rename and its folder's ``fsync``;
@@ -103,6 +105,16 @@ def _outside(spans: list[tuple[float, float]], holes: list[tuple[float, float]])
     return [(s, e) for s, e in spans if not any(hs <= s and e <= he for hs, he in holes)]
 
 
+def _not_covered(spans: list[tuple[float, float]], cover: list[tuple[float, float]]) -> float:
+    """The time in ``spans`` that no span of ``cover`` overlaps (neither list overlaps itself)."""
+    total = 0.0
+    for start, end in spans:
+        total += end - start
+        for lo, hi in cover:
+            total -= max(0.0, min(end, hi) - max(start, lo))
+    return total
+
+
 def breakdown(lines: list[str], sent: float, exited: float) -> dict[str, float]:
     """The stages (see the module's docstring) of one SIGTERM → exit, in seconds; they add up to
     the whole (``other`` is the remainder)."""
@@ -113,14 +125,14 @@ def breakdown(lines: list[str], sent: float, exited: float) -> dict[str, float]:
     commit = [s for s in small if s[1] <= save[1]]
     # The kernel's writeback hints (sync_file_range) block while the disk's queue is full: the
     # disk's time, counted with the writes.
-    writes = _total(spans["write"], save) + _total(spans["writeback"], save)
+    copies = [c for c in spans["copy"] if c[0] >= save[0] and c[1] <= save[1]]
+    disk = [w for w in spans["write"] + spans["writeback"] if w[0] >= save[0] and w[1] <= save[1]]
+    writes = _not_covered(disk, copies)
     if spans.get("layout"):
         serialize = _total(spans["layout"], save)
         # close() writes the last batch, then waits for (or computes) the hash of what is left.
         closing = [s for s in spans["stream_close"] if save[0] <= s[0] and s[1] <= save[1]]
-        hashing = _total(closing) - sum(
-            _total(spans["write"], c) + _total(spans["writeback"], c) for c in closing
-        )
+        hashing = _not_covered(closing, disk)
     else:  # torch.save wrote through HashingWriter (the code before the streamed writer)
         hashing_writes = _total(spans["hashing_write"], save)
         serialize = _total(spans["torch.save"], save) - hashing_writes
@@ -135,7 +147,7 @@ def breakdown(lines: list[str], sent: float, exited: float) -> dict[str, float]:
         "step in flight": cut[0] - sent,
         "dump": cut[1] - cut[0],
         "serialize": serialize,
-        "copy": _total(spans["copy"], save),
+        "copy": _total(copies),
         "write": writes,
         "hash": hashing,
         "fsync": _total(payload_fsync),

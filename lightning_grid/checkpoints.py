@@ -39,9 +39,9 @@ from lightning_grid._io import (
     atomic_write_bytes,
     atomic_writer,
     checksum,
+    checksum_stream,
     describe_os_error,
     fsync_dir,
-    new_hash,
     private_user_dir,
     split_checksum,
     write_error,
@@ -370,13 +370,9 @@ class CheckpointStore:
                 raise CorruptCheckpointError(f"refusing to read {member!r} in {self.location(record.name)}")
             path = f"{self._path(record.name)}/{member}"
             algorithm, expected = split_checksum(info["checksum"])
-            digest = new_hash(algorithm)
-            size = 0
             try:
                 with self.fs.open(path, "rb") as handle:
-                    while chunk := handle.read(8 << 20):
-                        digest.update(chunk)
-                        size += len(chunk)
+                    found, size = checksum_stream(handle, algorithm)
             except FileNotFoundError as exc:
                 raise CorruptCheckpointError(
                     f"checkpoint {self.location(record.name)} is committed but its file {member} is missing"
@@ -386,9 +382,9 @@ class CheckpointStore:
                     f"checkpoint {self.location(record.name)}: {member} has {size} bytes, its commit record says"
                     f" {info['size']}"
                 )
-            if digest.hexdigest() != expected:
+            if split_checksum(found)[1] != expected:
                 raise CorruptCheckpointError(
-                    f"checkpoint {self.location(record.name)}: {member} has {algorithm} {digest.hexdigest()[:12]}…,"
+                    f"checkpoint {self.location(record.name)}: {member} has {algorithm} {split_checksum(found)[1][:12]}…,"
                     f" its commit record says {expected[:12]}…"
                 )
 

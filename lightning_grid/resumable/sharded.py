@@ -52,7 +52,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_grid._io import FULL_ERRNOS, describe_os_error, labelled_hash
+from lightning_grid._io import FULL_ERRNOS, checksum_stream, describe_os_error
 from lightning_grid.checkpoints import CheckpointStore, CommitRecord, save_file
 from lightning_grid.errors import StoreError, StoreFullError, StoreWriteError, UsageError
 from lightning_grid.resumable import _lightning
@@ -102,18 +102,14 @@ def _own_files(folder: str, rank: int) -> list[str]:
 
 def _durable_digest(path: str) -> dict[str, Any]:
     """fsync ``path`` and return its checksum and size (one read; the bytes are in the page cache)."""
-    algorithm, digest = labelled_hash()
-    size = 0
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
         with os.fdopen(os.dup(fd), "rb") as handle:
-            while chunk := handle.read(8 << 20):
-                digest.update(chunk)
-                size += len(chunk)
+            digest, size = checksum_stream(handle)
     finally:
         os.close(fd)
-    return {"checksum": f"{algorithm}:{digest.hexdigest()}", "size": size}
+    return {"checksum": digest, "size": size}
 
 
 def check_store(trainer: pl.Trainer, store: CheckpointStore) -> None:

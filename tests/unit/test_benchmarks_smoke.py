@@ -108,3 +108,36 @@ def test_exit_breakdown_accounts_for_every_stage() -> None:
     for stage, seconds in expected.items():
         assert abs(stages[stage] - seconds) < 1e-9, (stage, stages[stage])
     assert abs(stages["other"] - 0.04) < 1e-9
+
+
+def test_exit_breakdown_counts_overlapped_copies_and_writes_once() -> None:
+    """Direct writes run on their own thread while the next buffer is copied: the stages still add
+    up to the whole, a write counts only where no copy overlaps it, and close() waiting for the
+    write in flight is the write's time, not the hash's."""
+    from benchmarks.exit_profile import breakdown
+
+    def span(label: str, start: float, end: float) -> list[str]:
+        return [f"TRACE {label}:start {start}", f"TRACE {label}:end {end}"]
+
+    lines = [
+        *span("save_on_training_thread", 1.0, 1.1),
+        *span("store.save", 1.1, 3.0),
+        *span("layout", 1.1, 1.2),
+        *span("copy", 1.2, 1.4),
+        *span("write", 1.4, 1.9),  # the first buffer, on the write thread
+        *span("copy", 1.4, 1.6),  # the next one meanwhile
+        *span("write", 1.9, 2.3),  # still in flight when close() starts
+        *span("copy", 1.9, 2.0),
+        *span("stream_close", 2.1, 2.5),
+        *span("write", 2.3, 2.4),  # the tail, on the caller's thread
+        *span("fsync", 2.5, 2.8),
+        *span("rename", 2.8, 2.9),
+        *span("write_small", 2.9, 3.0),
+        *span("finish_preemption", 1.2, 3.3),
+    ]
+    stages = breakdown(lines, sent=0.5, exited=3.8)
+    assert abs(sum(stages.values()) - 3.3) < 1e-9
+    assert abs(stages["copy"] - 0.5) < 1e-9
+    assert abs(stages["write"] - 0.7) < 1e-9  # 1.0 s of writes, 0.3 s of it under copies
+    assert abs(stages["hash"] - 0.1) < 1e-9  # close(): 0.4 s, of which writes 0.3 s
+    assert abs(stages["other"]) < 1e-9  # this timeline has no gaps

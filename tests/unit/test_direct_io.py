@@ -139,6 +139,37 @@ def test_a_refused_direct_write_goes_through_the_page_cache_with_the_same_bytes(
     assert [direct for direct, _ in recorder.calls[1:]] == [False] * (len(recorder.calls) - 1)
 
 
+def test_after_a_refusal_the_page_cache_is_told_to_write_out_what_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct writes need no writeback hint; once the file system refuses them, every buffered
+    write after that asks the kernel to start writing it out, as a buffered save does, so the
+    final fsync does not begin the whole disk's worth of work."""
+    monkeypatch.setattr(_io.StreamWriter, "BATCH_BYTES", 2 * ALIGN)
+    hints: list[tuple[int, int]] = []
+
+    def hint(fd: int, offset: int, length: int, flags: int) -> int:
+        hints.append((offset, length))
+        return 0
+
+    monkeypatch.setattr(_io, "_SYNC_FILE_RANGE", hint)
+    Recorder(monkeypatch, refuse_direct=True)
+    pieces = _pieces()
+    _, stream = _write(tmp_path / "out", pieces)
+    size = sum(memoryview(p).nbytes for p in pieces)
+    assert not stream.direct
+    # Contiguous ranges from the first byte to the last: every buffered byte was hinted, once.
+    assert hints[0][0] == 0 and sum(length for _, length in hints) == size
+    assert all(a + n == b for (a, n), (b, _) in zip(hints, hints[1:]))
+
+
+def test_direct_writes_ask_for_no_writeback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hints: list[tuple[int, int]] = []
+    monkeypatch.setattr(_io, "_SYNC_FILE_RANGE", lambda fd, offset, length, flags: hints.append(1) or 0)
+    _, stream = _write(tmp_path / "out", _pieces())
+    assert stream.direct and hints == []
+
+
 def test_a_short_direct_write_is_finished_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk takes part of a block (a nearly full disk does that): the next write would start
     unaligned, so the rest is written buffered; the file is still exact."""
@@ -218,10 +249,15 @@ def test_a_failed_direct_write_returns_the_staging_buffers_and_stops_hashing(
         stream.abort()
     finally:
         os.close(fd)
+    assert len(calls) == 3  # nothing was written after the disk said it was full
     assert len(_io._POOL._free) == 2  # both staging buffers are back, for the next save
-    assert not any(
-        t.name == "lightning_grid-hash" and t.is_alive() for t in __import__("threading").enumerate()
-    )
+    assert not _helper_threads()
+
+
+def _helper_threads() -> list[str]:
+    """The writer's own helper threads still running (other tests' threads have other names)."""
+    ours = {"lightning_grid-hash", "lightning_grid-write"}
+    return [t.name for t in threading.enumerate() if t.name in ours and t.is_alive()]
 
 
 def test_saves_reuse_the_same_staging_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -315,6 +351,81 @@ def test_a_staging_buffer_is_refilled_only_once_its_hash_is_done(
     assert digest == _io.checksum(b"".join(pieces))
 
 
+def test_the_next_buffer_is_filled_while_the_last_one_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy into one staging buffer and the direct write of the other overlap: each full
+    buffer's write is held here until the caller has copied bytes into the other buffer after
+    sending this one, which it could not do if it waited for the write. The last, partial buffer
+    is written by the caller, after every full one."""
+    monkeypatch.setattr(_io.StreamWriter, "BATCH_BYTES", ALIGN)
+    events: list[tuple[str, int]] = []  # ("sent" | "fill", staging buffer address), in order
+    changed = threading.Condition()
+
+    def note(kind: str, staging: Any) -> None:
+        with changed:
+            events.append((kind, staging._buffers[staging._slot].address))
+            changed.notify_all()
+
+    real_fill, real_busy = _io._DirectStaging.fill, _io._DirectStaging.busy
+
+    def fill(self: Any, source: memoryview, offset: int) -> int:
+        note("fill", self)
+        return real_fill(self, source, offset)
+
+    def busy(self: Any, *done: threading.Event) -> None:
+        note("sent", self)
+        real_busy(self, *done)
+
+    monkeypatch.setattr(_io._DirectStaging, "fill", fill)
+    monkeypatch.setattr(_io._DirectStaging, "busy", busy)
+
+    def filled_since_sent(address: int) -> bool:
+        sent = [i for i, event in enumerate(events) if event == ("sent", address)]
+        return bool(sent) and any(kind == "fill" and where != address for kind, where in events[sent[-1] :])
+
+    real = os.writev
+    writes: list[tuple[str, int, bool]] = []
+
+    def writev(fd: int, buffers: list[Any]) -> int:
+        name = threading.current_thread().name
+        overlapped = False
+        if name == "lightning_grid-write":
+            with changed:
+                overlapped = changed.wait_for(lambda: filled_since_sent(_address(memoryview(buffers[0]))), 5)
+        writes.append((name, memoryview(buffers[0]).nbytes, overlapped))
+        return real(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", writev)
+    payload = os.urandom(5 * ALIGN + 123)
+    digest, stream = _write(tmp_path / "out", [payload])
+    assert stream.direct and (tmp_path / "out").read_bytes() == payload
+    assert digest == _io.checksum(payload)
+    *full, last = writes
+    assert [(name, size) for name, size, _ in full] == [("lightning_grid-write", ALIGN)] * 5
+    assert all(overlapped for _, _, overlapped in full)
+    assert last[0] == threading.current_thread().name and last[1] == ALIGN  # 123 bytes, padded
+
+
+def test_a_staging_buffer_is_refilled_only_once_its_write_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow disk: the caller, copying ahead, must wait for a buffer's write before it fills it
+    again, or the file would hold the next buffer's bytes twice."""
+    monkeypatch.setattr(_io.StreamWriter, "BATCH_BYTES", ALIGN)
+    real = os.writev
+
+    def slow(fd: int, buffers: list[Any]) -> int:
+        time.sleep(0.01)
+        return real(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", slow)
+    pieces = [os.urandom(ALIGN * 9 + 5), os.urandom(3 * ALIGN)]
+    digest, _ = _write(tmp_path / "out", pieces)
+    assert (tmp_path / "out").read_bytes() == b"".join(pieces)
+    assert digest == _io.checksum(b"".join(pieces))
+
+
 def test_a_failed_last_write_leaves_no_thread_no_buffer_and_no_o_direct(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -338,7 +449,7 @@ def test_a_failed_last_write_leaves_no_thread_no_buffer_and_no_o_direct(
         stream.write(os.urandom(3 * ALIGN + 10))
         with pytest.raises(OSError, match="No space"):
             stream.close()
-        assert not any(t.name == "lightning_grid-hash" and t.is_alive() for t in threading.enumerate())
+        assert not _helper_threads()
         assert len(_io._POOL._free) == 2
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
     finally:
