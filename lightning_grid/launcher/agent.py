@@ -15,9 +15,10 @@ Several machines (``--num-nodes``, or a provisioner that placed more than one: s
 :mod:`lightning_grid.launcher.cluster`): the provisioner starts the agent on every node, and each
 runs one torchrun agent of the attempt. torchrun meets with ``--rdzv-backend static`` at the head
 node's address, every node keeping the rank the provisioner gave it (node 0 runs global rank 0),
-or with c10d when ``--min-nodes`` asks for an elastic job. Node 0 is the *primary*: it alone
-counts attempts, captures and saves the execution directory, and writes the story and the
-decision. The attempt number and the rendezvous id reach the other nodes through a small object
+or with c10d when ``--min-nodes`` asks for an elastic job (its store then served by node 0's agent
+for the attempt, not by a torchrun agent: see :mod:`lightning_grid.launcher.rendezvous_store`).
+Node 0 is the *primary*: it alone counts attempts, captures and saves the execution directory, and
+writes the story and the decision. The attempt number and the rendezvous id reach the other nodes through a small object
 in the store the primary rewrites every second (``<artifacts>/<name>/rendezvous.json``): a node
 only believes a copy it saw change, so a stale one left by a machine that is gone never sends it
 to an old rendezvous, and no node needs to read the story before another writes to it. Every
@@ -50,7 +51,7 @@ from lightning_grid.launcher import attempt, cluster, instances
 from lightning_grid.launcher.events import Event, Kind, StoreEventLog
 from lightning_grid.launcher.experiment import Budgets, Decision, Outcome, Status, decide
 from lightning_grid.launcher.layout import StoreLayout, new_id
-from lightning_grid.launcher.nodes import Rendezvous, free_port, workers_of
+from lightning_grid.launcher.nodes import Rendezvous, workers_of
 from lightning_grid.launcher.notices import (
     LauncherSignals,
     Notice,
@@ -577,9 +578,7 @@ def run_agent(agent: AgentSpec, environ: Mapping[str, str] | None = None) -> int
     if multi is None:
         number = story.attempts + 1
         if spec.nproc_per_node > 1:  # several processes on this one machine: torchrun, as locally
-            rendezvous = Rendezvous(
-                f"127.0.0.1:{free_port()}", f"{agent.name}-{number}", 1, spec.nproc_per_node
-            )
+            rendezvous = Rendezvous("127.0.0.1:0", f"{agent.name}-{number}", 1, spec.nproc_per_node)
         observer = _StoreObserver(events, number, command, watch_stop=slurm_job is not None)
     elif multi.primary:
         number = story.attempts + 1

@@ -10,18 +10,20 @@ Every behaviour of an attempt — the shutdown window, the contract, the devices
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lightning_grid.checkpoints import COMPLETED_MARKER, CheckpointStore
 from lightning_grid.contract import ENV_NODE, Contract
 from lightning_grid.errors import StoreError
-from lightning_grid.launcher import artifacts
+from lightning_grid.launcher import artifacts, rendezvous_store
 from lightning_grid.launcher.events import Kind
 from lightning_grid.launcher.experiment import Outcome, classify
 from lightning_grid.launcher.layout import StoreLayout
@@ -155,19 +157,20 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
         observer.interrupting(notice, window_s)
 
     env = attempt_env(contract, setup.devices)
-    result = run_attempt(
-        _launches(setup, env) if setup.rendezvous is not None else list(setup.command),
-        cwd=setup.workdir,
-        env=env,
-        log_path=setup.log_path,
-        notices=sources,
-        grace_period=spec.grace_period,
-        stop_requested=observer.stop_requested,
-        on_start=lambda pid: observer.started(pid, setup.log_path),
-        on_notice=on_notice,
-        on_signalled=on_signalled,
-        echo=setup.echo,
-    )
+    with _rendezvous(setup) as rendezvous:  # its store outlives every node's agent
+        result = run_attempt(
+            _launches(setup, rendezvous, env) if rendezvous is not None else list(setup.command),
+            cwd=setup.workdir,
+            env=env,
+            log_path=setup.log_path,
+            notices=sources,
+            grace_period=spec.grace_period,
+            stop_requested=observer.stop_requested,
+            on_start=lambda pid: observer.started(pid, setup.log_path),
+            on_notice=on_notice,
+            on_signalled=on_signalled,
+            echo=setup.echo,
+        )
     after_exit = time.monotonic()
     try:
         published = window.publish()
@@ -240,13 +243,23 @@ def run(setup: AttemptSetup, sources: Sequence[NoticeSource], observer: Observer
     return report
 
 
-def _launches(setup: AttemptSetup, env: dict[str, str]) -> list[Launch]:
+def _rendezvous(setup: AttemptSetup) -> AbstractContextManager[Rendezvous | None]:
+    """Where this attempt's agents meet. A c10d rendezvous's store is hosted on node 0's machine
+    (the primary's) from before its agent starts until after the last has exited, by the
+    interpreter torchrun runs with (see :mod:`lightning_grid.launcher.rendezvous_store`); the
+    other machines' agents, and a static rendezvous, are given the rendezvous as it is."""
+    rendezvous = setup.rendezvous
+    if rendezvous is None or rendezvous.backend != "c10d" or not setup.primary:
+        return contextlib.nullcontext(rendezvous)
+    return rendezvous_store.hosted(rendezvous, setup.spec.python or sys.executable)
+
+
+def _launches(setup: AttemptSetup, rendezvous: Rendezvous, env: dict[str, str]) -> list[Launch]:
     """One torchrun agent per node run here. Each node's processes carry its number, and on a
     machine with GPUs each local node gets its own share of them."""
-    assert setup.rendezvous is not None
     python = setup.spec.python or sys.executable
     devices = (setup.devices or "").split(",") if setup.devices else []
-    per_node = setup.rendezvous.nproc_per_node
+    per_node = rendezvous.nproc_per_node
     launches = []
     for position, node in enumerate(setup.nodes):
         node_env = {**env, ENV_NODE: str(node)}
@@ -254,7 +267,7 @@ def _launches(setup: AttemptSetup, env: dict[str, str]) -> list[Launch]:
         if len(setup.nodes) > 1 and len(share) == per_node:
             node_env["CUDA_VISIBLE_DEVICES"] = ",".join(share)
         command = torchrun_command(
-            python, setup.command, setup.rendezvous, shutdown_timeout=setup.spec.grace_period
+            python, setup.command, rendezvous, shutdown_timeout=setup.spec.grace_period
         )
         launches.append(Launch(command, node_env, torchrun=True))
     return launches

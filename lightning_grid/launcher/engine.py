@@ -29,7 +29,7 @@ from lightning_grid.launcher import artifacts, attempt, instances, slurm
 from lightning_grid.launcher.events import Kind
 from lightning_grid.launcher.experiment import Budgets, Outcome, Status, decide
 from lightning_grid.launcher.layout import StoreLayout, new_id
-from lightning_grid.launcher.nodes import Rendezvous, free_port
+from lightning_grid.launcher.nodes import Rendezvous
 from lightning_grid.launcher.notices import LauncherSignals, Notice, cloud_notices, notice_sources
 from lightning_grid.launcher.processes import kill_attempt_processes
 from lightning_grid.launcher.registry import ExperimentRow, Registry
@@ -518,12 +518,13 @@ def _check_url(url: str) -> None:
 
 
 def _local_rendezvous(spec: Spec, name: str, number: int) -> Rendezvous | None:
-    """Every node on this machine: torchrun agents meeting on the loopback interface (c10d, hosted
-    by whichever binds the port first). None for a single process, which runs without torchrun."""
+    """Every node on this machine: torchrun agents meeting on the loopback interface (c10d, its
+    store hosted by the attempt on a port it binds: see launcher.rendezvous_store). None for a
+    single process, which runs without torchrun."""
     if not spec.distributed:
         return None
     return Rendezvous(
-        endpoint=f"127.0.0.1:{free_port()}",
+        endpoint="127.0.0.1:0",
         run_id=f"{name}-{number}",
         num_nodes=spec.num_nodes,
         nproc_per_node=spec.nproc_per_node,

@@ -2,7 +2,9 @@
 
 Multi-node runs go through torch.distributed.elastic's own agent (``torchrun``), never a
 rendezvous of ours: every node runs one torchrun agent, the agents meet at a c10d rendezvous
-(hosted by whichever agent binds the endpoint first) and start ``nproc_per_node`` workers each.
+and start ``nproc_per_node`` workers each. The c10d rendezvous's store is hosted by the launcher on
+node 0's machine, never by an agent, so that no agent's exit takes it from the others (see
+:mod:`lightning_grid.launcher.rendezvous_store`).
 
 Two torchrun behaviours shape what the launcher does around it:
 
@@ -30,14 +32,15 @@ __all__ = ["Rendezvous", "torchrun_command", "free_port", "workers_of"]
 class Rendezvous:
     """Where and how the nodes of one attempt meet."""
 
-    endpoint: str  # host:port of the c10d store (the first node's address)
+    endpoint: str  # host:port of the c10d store (the first node's address; port 0: any, when hosted)
     run_id: str  # unique per attempt: a late agent of an earlier attempt never joins this one
     num_nodes: int
     nproc_per_node: int
     min_nodes: int | None = None  # go on with fewer (torchrun's --nnodes MIN:MAX)
     node_rank: int | None = None  # a preferred rank (c10d honours it only as a hint)
-    #: torchrun's --rdzv-backend. ``c10d`` (the local engine's): the agents meet at a store hosted
-    #: by whichever binds the endpoint first, and node ranks are first come, first served.
+    #: torchrun's --rdzv-backend. ``c10d`` (the local engine's, and an elastic job's): the agents
+    #: meet at a store node 0's launcher hosts (every agent is its client: ``is_host=false``), and
+    #: node ranks are first come, first served.
     #: ``static`` (a provisioner's fixed machines): node ``node_rank`` 0 hosts the store at the
     #: endpoint and every node keeps the rank it was given, so node 0 runs global rank 0 (how
     #: SkyPilot's own docs run torchrun). It needs ``node_rank`` and a fixed node count.
@@ -65,9 +68,14 @@ def torchrun_command(
         "--max-restarts", "0",
         "--shutdown-timeout", str(max(1, int(shutdown_timeout + 0.999))),
     ]  # fmt: skip
+    conf = []  # one --rdzv-conf: torchrun keeps only the last one given
+    if rendezvous.backend == "c10d":
+        conf.append("is_host=false")  # a client of the launcher's store, never its host
     if rendezvous.min_nodes is not None and rendezvous.min_nodes < rendezvous.num_nodes:
         # Short-handed: wait this long for the missing machines once the minimum is there.
-        command += ["--rdzv-conf", "last_call_timeout=10"]
+        conf.append("last_call_timeout=10")
+    if conf:
+        command += ["--rdzv-conf", ",".join(conf)]
     if rendezvous.node_rank is not None:
         command += ["--node-rank", str(rendezvous.node_rank)]
     return [*command, *script[1:]] if script and script[0] == python else [*command, *script]

@@ -10,6 +10,7 @@ attempt number and the checkpoint URL together identify one attempt on this mach
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 from collections.abc import Sequence
@@ -18,7 +19,17 @@ import psutil
 
 from lightning_grid.contract import ENV_ATTEMPT, ENV_CHECKPOINTS, ENV_EXPERIMENT, ENV_NODE
 
-__all__ = ["attempt_processes", "kill_attempt_processes"]
+__all__ = ["attempt_processes", "kill_attempt_processes", "die_with_parent"]
+
+
+def die_with_parent() -> None:
+    """In a child (``preexec_fn``): SIGTERM when the launcher dies, so a SIGKILLed launcher leaves
+    no orphan run (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def attempt_processes(

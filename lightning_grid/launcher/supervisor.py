@@ -8,7 +8,6 @@ period, then SIGKILL.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import psutil
 from lightning_grid.contract import Contract
 from lightning_grid.launcher.nodes import workers_of
 from lightning_grid.launcher.notices import Notice, NoticeSource
+from lightning_grid.launcher.processes import die_with_parent
 
 __all__ = ["AttemptResult", "Launch", "NodeResult", "PEER_GRACE_S", "attempt_env", "run_attempt"]
 
@@ -55,15 +55,6 @@ def attempt_env(contract: Contract, devices: str | None = None) -> dict[str, str
         env["CUDA_VISIBLE_DEVICES"] = devices
     env["PYTHONUNBUFFERED"] = "1"  # its output reaches the log as it is written
     return env
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the launcher dies, so a SIGKILLed launcher leaves no orphan run."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class _Follower(threading.Thread):
@@ -167,7 +158,7 @@ def run_attempt(
                         stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,
                         start_new_session=True,  # its own process group: one signal reaches it and its children
-                        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
                     )
                 )
         except BaseException:

@@ -219,6 +219,99 @@ def test_a_node_lost_without_notice(home: Path, tmp_path: Path, reference) -> No
     assert_bit_identical(reference(2, 1), out)
 
 
+def _agents(launcher: psutil.Process) -> dict[int, psutil.Process]:
+    """The launcher's torchrun agents, by node."""
+    found = {}
+    for child in launcher.children():
+        try:
+            if "torch.distributed.run" in child.cmdline():
+                found[int(child.environ()["LIGHTNING_GRID_NODE"])] = child
+        except (psutil.Error, KeyError):
+            continue
+    return found
+
+
+def _hosts_the_rendezvous(agent: psutil.Process) -> bool:
+    """Whether this agent (or a process of its) listens on its own ``--rdzv-endpoint``."""
+    command = agent.cmdline()
+    port = int(command[command.index("--rdzv-endpoint") + 1].rsplit(":", 1)[1])
+    for proc in [agent, *agent.children(recursive=True)]:
+        try:
+            if any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections("tcp")
+            ):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE  # exited; its parent, stopped, has not reaped it
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_lost_node_takes_no_rendezvous_with_it(home: Path, tmp_path: Path) -> None:
+    """The c10d rendezvous's store outlives every node's agent. A node's machine is lost while the
+    launcher is descheduled for a few seconds (CI's two busy cores did that): when it looks again,
+    the other node's agent still runs, so the attempt is judged as what it was — node V lost
+    without notice, the others stopped: *killed*, and relaunched.
+
+    With the store hosted by an agent (torchrun's own c10d: the first to bind the endpoint), a lost
+    node that held it took it along: the other agent failed at its next tick in
+    ``num_nodes_waiting()`` (RendezvousConnectionError, exit 1), and the launcher, seeing both
+    nodes ended at once, judged the attempt *failed* and ended the experiment. The node lost here is
+    the one whose agent hosts the store if any does, so that this test fails every time without the
+    fix. The ranks run no collective (``idle_ranks.py``): ranks that do not notice the loss at once
+    themselves, as NCCL's (which hang), or ranks in a long save."""
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    argv = [
+        sys.executable, "-m", "lightning_grid.cli",
+        "run", "--use_spot", "--num_nodes", "2", "--name", "outlived", "--grace-period", "30",
+        str(REPO / "tests" / "scripts" / "idle_ranks.py"), str(ready),
+    ]  # fmt: skip
+    env = child_env(LIGHTNING_GRID_HOME=str(home))
+    launcher = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not all((ready / f"ready-{rank}").exists() for rank in (0, 1)):
+            assert launcher.poll() is None and time.monotonic() < deadline, "the ranks never started"
+            time.sleep(0.2)
+        agents = _agents(psutil.Process(launcher.pid))
+        assert sorted(agents) == [0, 1], agents
+        lost = next((node for node, agent in agents.items() if _hosts_the_rendezvous(agent)), 1)
+        other = agents[1 - lost]
+        launcher.send_signal(signal.SIGSTOP)
+        try:
+            for proc in [agents[lost], *agents[lost].children(recursive=True)]:
+                proc.kill()
+            settled = time.monotonic() + 10  # the other agent's store reads: one every 0.1 s
+            while not _gone(other) and time.monotonic() < settled:
+                time.sleep(0.1)
+        finally:
+            launcher.send_signal(signal.SIGCONT)
+        output, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    info = grid_status(home, "outlived")
+    first = _attempts(info)[0]
+    assert first["outcome"] == "killed" and f"node {lost} lost without notice" in first["reason"], (
+        first,
+        output[-3000:],
+    )
+    rows = {n["node"]: n for n in first["nodes"]}
+    assert rows[lost]["outcome"] == "lost (no notice)" and rows[lost]["exit_code"] == -signal.SIGKILL
+    assert rows[1 - lost]["outcome"] == "stopped (a peer could not go on)", rows
+    assert "RendezvousConnectionError" not in (home / "runs" / "outlived" / "attempt-1.log").read_text()
+    assert launcher.returncode == 0 and info["status"] == "succeeded" and info["restarts"] == 1, output[
+        -3000:
+    ]
+
+
 def test_a_save_slower_than_torchruns_shutdown_timeout(home: Path, tmp_path: Path) -> None:
     """torchrun kills its workers 30 s after it is told to stop; the notice's window is the
     launcher's (120 s here): a 35 s save completes and every rank exits 0."""

@@ -84,6 +84,7 @@ def _agents(
     simulate: str | None,
     sigterm: int | None,
     script: list[str] | None = None,
+    options: tuple[str, ...] = (),
 ) -> list[tuple[int, str]]:
     """Both nodes' agents, started together as a provisioner does; their exit codes and output.
     ``simulate``: the agents' --simulate-preemptions; ``sigterm``: the node whose agent gets a
@@ -98,7 +99,7 @@ def _agents(
             *isolate,
             sys.executable, "-m", "lightning_grid.cli", "agent",
             "--cloud", "none", "--artifacts", str(store), "--name", NAME, "--workdir", str(workdir),
-            "--num-nodes", "2", "--grace-period", "60",
+            "--num-nodes", "2", "--grace-period", "60", *options,
             *(["--simulate-preemptions", simulate] if simulate else []),
             "--", "python",
             *(script or [str(SCRIPT), "--out", str(tmp_path / "out.pt"), "--ids", str(ids), "--epochs", "20"]),
@@ -219,3 +220,23 @@ def test_a_failure_on_node_0_ends_the_other_node_too(tmp_path: Path, isolate: li
     assert not [e for e in story["events"] if e["kind"] == "notice"], story["text"]  # a stop, not a notice
     assert "node 0's attempt 1 is over (failed)" in story["text"], story["text"]
     print(f"node 0 failed → both agents exited after {took:.1f}s")
+
+
+def test_an_elastic_job_meets_at_the_store_node_0s_agent_serves(tmp_path: Path, isolate: list[str]) -> None:
+    """``--min-nodes``: c10d instead of the static rendezvous. Node 0's agent serves the store at
+    the head's address for the attempt (no torchrun agent hosts it: every one is started with
+    ``is_host=false``), and the other machine's torchrun reaches it there: both ranks run in one
+    world of two, and the job succeeds."""
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    for rank in (0, 1):
+        (ranks / f"exit-{rank}").write_text("0")  # each rank leaves as soon as it has started
+    script = [str(REPO / "tests" / "scripts" / "idle_ranks.py"), str(ranks)]
+    results = _agents(
+        tmp_path, isolate, skypilot_env, "1", None, None, script=script, options=("--min-nodes", "1")
+    )
+    assert [code for code, _ in results] == [0, 0], results
+    assert sorted(p.name for p in ranks.glob("ready-*")) == ["ready-0", "ready-1"]
+    story = _status(tmp_path)
+    assert story["status"] == "succeeded", story["text"]
+    assert "c10d rendezvous" in story["text"], story["text"]

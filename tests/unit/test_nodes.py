@@ -87,7 +87,12 @@ def test_torchrun_command() -> None:
     assert flags["--nnodes"] == "2:3" and flags["--nproc-per-node"] == "2"
     assert flags["--rdzv-backend"] == "c10d" and flags["--rdzv-endpoint"] == "127.0.0.1:29500"
     assert flags["--max-restarts"] == "0" and flags["--shutdown-timeout"] == "121"  # the window, not 30 s
-    assert "--nnodes" in torchrun_command("/py", ["x.py"], Rendezvous("h:1", "r", 2, 1), 30)
+    # One --rdzv-conf (torchrun keeps the last): a client of the launcher's store, short-handed after 10 s.
+    assert command.count("--rdzv-conf") == 1 and flags["--rdzv-conf"] == "is_host=false,last_call_timeout=10"
+    fixed = torchrun_command("/py", ["x.py"], Rendezvous("h:1", "r", 2, 1), 30)
+    assert "--nnodes" in fixed and fixed[fixed.index("--rdzv-conf") + 1] == "is_host=false"
+    static = Rendezvous("h:1", "r", 2, 1, node_rank=0, backend="static")  # node 0's torchrun hosts it
+    assert "--rdzv-conf" not in torchrun_command("/py", ["x.py"], static, 30)
 
 
 # -- the supervisor with plain processes standing in for nodes -----------------------------------
