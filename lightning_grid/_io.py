@@ -305,7 +305,12 @@ class StreamWriter:
         self._writer: _InOrder | None = None  # direct: full staging buffers go to the disk from here
         self._hashed: threading.Event | None = None  # set once all that was flushed is hashed
         self.size = 0  # bytes written so far
-        self._start = 0  # where the file position was (direct: the padded tail is cut at start + size)
+        # Where the file position was: writeback hints are for start + offset, and a direct
+        # write's padded tail is cut at start + size.
+        try:
+            self._start = os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:  # a pipe: no positions, no hints (sync_file_range refuses it too)
+            self._start = 0
         self._staging: _DirectStaging | None = None
         if direct is None:
             direct = self.DIRECT and _direct_io_allowed()
@@ -322,7 +327,6 @@ class StreamWriter:
                 )
                 _set_direct(fd, False, self.DIRECT_ALIGN)
             else:
-                self._start = os.lseek(fd, 0, os.SEEK_CUR)
                 self._writeback = None  # nothing is left dirty in the page cache
 
     @property
@@ -369,6 +373,7 @@ class StreamWriter:
         staging.busy(self._hashed, self._writer.submit([view]))
         staging.swap()
         self._writer.raise_failure()  # a full disk stops the copying at the next buffer
+        self._hasher.raise_failure()
 
     def _hash_buffers(self, buffers: list[memoryview]) -> None:
         for buffer in buffers:

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -100,6 +101,8 @@ class Engine:
             if found is None:
                 raise UsageError(f"--python {spec.python}: no such interpreter on this machine")
             spec = spec.with_(python=os.path.abspath(found))  # attempts run in another folder
+            if spec.distributed:
+                _check_torchrun_python(spec.python or found)
         instance = instances.lookup(spec.instance_type)
         if spec.backend == "slurm":
             slurm.precheck(spec)  # SLURM's own word on the request, before anything is written
@@ -515,6 +518,24 @@ def _check_url(url: str) -> None:
         raise UsageError(
             f"unknown or unavailable scheme {protocol!r} in --artifacts {url!r}: {exc}"
         ) from None
+
+
+def _check_torchrun_python(python: str) -> None:
+    """A run of several processes starts torchrun, and the rendezvous store, with ``--python``: one
+    that cannot import torch's launcher is the user's to fix, so it is refused now, in one line,
+    rather than found by every attempt (each would go pending, asking to be resumed)."""
+    try:
+        proc = subprocess.run(
+            [python, "-c", "import torch.distributed.run"], capture_output=True, text=True, timeout=300
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"--python {python}: cannot run it ({exc})") from None
+    if proc.returncode != 0:
+        said = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        raise UsageError(
+            f"--python {python}: cannot import torch.distributed, which a run of several processes"
+            f" needs ({said[-1] if said else f'exit {proc.returncode}'})"
+        )
 
 
 def _local_rendezvous(spec: Spec, name: str, number: int) -> Rendezvous | None:

@@ -14,6 +14,7 @@ import ctypes
 import os
 import signal
 from collections.abc import Sequence
+from typing import Any
 
 import psutil
 
@@ -22,14 +23,23 @@ from lightning_grid.contract import ENV_ATTEMPT, ENV_CHECKPOINTS, ENV_EXPERIMENT
 __all__ = ["attempt_processes", "kill_attempt_processes", "die_with_parent"]
 
 
+def _prctl() -> Any:
+    """libc's ``prctl``, looked up here in the parent: a child forked from a process with threads
+    must not ``dlopen`` (the loader's lock may have been held by another thread at the fork)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+
+
 def die_with_parent() -> None:
     """In a child (``preexec_fn``): SIGTERM when the launcher dies, so a SIGKILLed launcher leaves
     no orphan run (Linux; elsewhere a no-op)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def attempt_processes(

@@ -17,8 +17,10 @@ and its agent stops its workers instead of the launcher. A launcher that sees bo
 So the store is hosted here, by a process started before the agents and ended after the last one
 has exited, and every agent is its client (torchrun's own ``--rdzv-conf is_host=false``, given by
 :func:`lightning_grid.launcher.nodes.torchrun_command` for every c10d rendezvous). No agent's exit
-takes it away. It lives on node 0's machine: the local engine's (every node is there), or the
-primary ``lightning-grid agent``'s for an elastic job under a provisioner. A static rendezvous (a
+takes it away. It lives on node 0's machine: the local engine's (every node is there, and it
+outlives them all), or the primary ``lightning-grid agent``'s for an elastic job under a provisioner
+(which serves it while node 0's torchrun runs: another machine's agent still running after that
+can lose it, as before). A static rendezvous (a
 provisioner's fixed machines) is hosted by node 0's torchrun by design, and reads no store between
 its rendezvous and its exit barrier.
 
@@ -116,7 +118,10 @@ def _announced_port(proc: subprocess.Popen[bytes], timeout_s: float) -> int | No
 
 def _last_words(proc: subprocess.Popen[bytes], errors: IO[bytes]) -> str:
     """Why the store's process did not start: the last line of what it wrote, or how it ended."""
-    code = proc.poll()
+    try:  # its stdout closed as it exited: reaped in a moment, so the exit code is known
+        code: int | None = proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        code = None
     errors.seek(0)
     lines = [ln.strip() for ln in errors.read().decode(errors="replace").splitlines() if ln.strip()]
     said = lines[-1] if lines else ""
@@ -126,14 +131,13 @@ def _last_words(proc: subprocess.Popen[bytes], errors: IO[bytes]) -> str:
 
 
 def _close(proc: subprocess.Popen[bytes]) -> None:
-    """Stop serving: close its stdin (it exits), or kill it if it does not."""
+    """Stop serving, at once: the agents are gone, and in a preemption the spot window's seconds
+    are the upload's (the server's own orderly exit, torch's teardown, took about 1 s)."""
     if proc.stdin is not None:
         with contextlib.suppress(OSError):
             proc.stdin.close()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+    with contextlib.suppress(OSError):
         proc.kill()
-        proc.wait()
+    proc.wait()
     if proc.stdout is not None:
         proc.stdout.close()

@@ -472,3 +472,26 @@ def test_python_option_chooses_the_interpreter(tmp_path: Path, home: Path) -> No
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: --python {tmp_path / 'nope'}: no such interpreter on this machine"
     ]
+
+
+def test_a_python_without_torch_is_refused_for_a_run_of_several_processes(tmp_path: Path, home: Path) -> None:
+    """Several processes go through torchrun (and a rendezvous store) started with ``--python``: an
+    interpreter without torch is the user's to fix, refused at submit in one line, nothing written,
+    rather than found by each attempt and left pending."""
+    bare = tmp_path / "bin" / "bare-python"
+    bare.parent.mkdir()
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')  # no site-packages: no torch
+    bare.chmod(0o755)
+    script = _script(tmp_path / "p", "hello.py", "print('hello')\n")
+    proc = _launch(home, "run", "--python", str(bare), "--num_nodes", "2", "--name", "bare", str(script))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert (
+        lines[0].startswith(f"error: --python {bare}: cannot import torch.distributed")
+        and "torch" in lines[0]
+    )
+    assert not (home / "registry.db").exists() and not (home / "runs").exists()
+    one = _launch(
+        home, "run", "--python", str(bare), "--name", "bare1", str(script)
+    )  # one process: no torchrun
+    assert one.returncode == 0 and "hello" in one.stdout, one.stderr

@@ -164,10 +164,85 @@ def test_after_a_refusal_the_page_cache_is_told_to_write_out_what_follows(
 
 
 def test_direct_writes_ask_for_no_writeback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_io.StreamWriter, "BATCH_BYTES", ALIGN)  # the write thread's writes too
     hints: list[tuple[int, int]] = []
     monkeypatch.setattr(_io, "_SYNC_FILE_RANGE", lambda fd, offset, length, flags: hints.append(1) or 0)
     _, stream = _write(tmp_path / "out", _pieces())
     assert stream.direct and hints == []
+
+
+def test_buffered_hints_are_for_the_file_positions_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer handed a descriptor already past a header asks for writeback of what it wrote,
+    not of the header's range."""
+    monkeypatch.setattr(_io.StreamWriter, "BATCH_BYTES", 2 * ALIGN)
+    hints: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        _io, "_SYNC_FILE_RANGE", lambda fd, offset, length, flags: hints.append((offset, length)) or 0
+    )
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"h" * 100)
+        stream = _io.StreamWriter(fd, direct=False)
+        stream.write(os.urandom(5 * ALIGN))
+        stream.close()
+    finally:
+        os.close(fd)
+    assert hints[0][0] == 100 and sum(n for _, n in hints) == 5 * ALIGN
+
+
+def test_a_save_within_one_staging_buffer_starts_no_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixed cost of a small save: no helper thread to start or hand over to."""
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    payload = os.urandom(_io.StreamWriter.BATCH_BYTES - 1)
+    digest, stream = _write(tmp_path / "out", [payload])
+    assert stream.direct and digest == _io.checksum(payload) and started == []
+
+
+class FailingHash:
+    """A hash that fails at its second buffer (a bug, or memory that went bad)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def update(self, data: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("hash failed")
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+def test_a_failed_hash_stops_the_copying_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(_io._HASHES, "xxh3_128", FailingHash)
+    monkeypatch.setattr(_io.StreamWriter, "BATCH_BYTES", ALIGN)
+    copied: list[int] = []
+    real_fill = _io._DirectStaging.fill
+    monkeypatch.setattr(
+        _io._DirectStaging,
+        "fill",
+        lambda self, source, offset: copied.append(1) or real_fill(self, source, offset),
+    )
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    stream = _io.StreamWriter(fd)
+    try:
+        with pytest.raises(RuntimeError, match="hash failed"):
+            stream.write(os.urandom(64 * ALIGN))
+    finally:
+        stream.abort()
+        os.close(fd)
+    assert len(copied) < 64 and not _helper_threads()
 
 
 def test_a_short_direct_write_is_finished_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
